@@ -1,0 +1,161 @@
+"""What every promptcore method module shares: the frozen CLIP model, the text engine, image
+checks, cosine scoring, the eval-mode text cache and promptcore's own prompt files."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from promptcore.kernels import cosine_logits
+
+from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
+from .engine import TextEngine
+from .prompts import default_tokenizer
+
+
+def _image_size(model: nn.Module) -> Optional[tuple]:
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class PromptModule(nn.Module):
+    """Base class of the method modules (CoOp, ...). Subclasses define ``method``,
+    ``options()`` and ``_compute_text_features()``."""
+
+    method: str = ""
+
+    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True):
+        super().__init__()
+        if not hasattr(model, "encode_image") or not hasattr(model, "logit_scale"):
+            raise TypeError(f"{type(model).__name__} is not an open_clip CLIP model (no encode_image / logit_scale)")
+        engine = TextEngine(model)
+        engine.resolve_path(text_path)
+        self.model = model
+        self.engine = engine
+        self.text_path = text_path
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(engine.tower.context_length)
+        self.model_name: Optional[str] = None
+        self._text_cache = None
+        self._classes_version = 0
+        self._freeze = freeze
+
+    def _finish_init(self) -> None:
+        """Freeze CLIP (as the official trainers do) once every argument has been validated."""
+        if self._freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    # -- images ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.tower.dtype
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear error for images of the wrong type, shape or device."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        size = _image_size(self.model)
+        if size is not None and tuple(images.shape[-2:]) != size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])} pixels, the model expects {size}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        device = self.engine.tower.device
+        if images.device != device:
+            raise ValueError(f"images are on {images.device}, the model is on {device}")
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features of the frozen image tower (images cast to the model dtype, as officially)."""
+        self.check_images(images)
+        visual = getattr(self.model, "visual", None)
+        dtype = next(visual.parameters()).dtype if visual is not None else self.dtype
+        return self.model.encode_image(images.to(dtype))
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """``exp(logit_scale) * normalize(img) @ normalize(txt).T`` in the image features' dtype."""
+        return cosine_logits(image_features, text_features, self.model.logit_scale)
+
+    # -- text features and their cache ------------------------------------------------------
+
+    def _cache_key(self):
+        params = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.prompt_learner.parameters())
+        return params, self._classes_version, self.text_path
+
+    def text_features(self) -> torch.Tensor:
+        """Text features of the current class list (cached in eval mode until the prompts change)."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
+        if not self.training and not needs_grad:
+            key = self._cache_key()
+            if self._text_cache is not None and self._text_cache[0] == key:
+                return self._text_cache[1]
+            feats = self._compute_text_features()
+            self._text_cache = (key, feats.detach())
+            return feats
+        self._text_cache = None
+        return self._compute_text_features()
+
+    def clear_cache(self) -> None:
+        """Forget cached text features."""
+        self._text_cache = None
+
+    def _compute_text_features(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> Dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- promptcore files -------------------------------------------------------------------
+
+    def save(self, path, model_name: Optional[str] = None):
+        """Write the learned prompts, options and class names to a safetensors file (atomically)."""
+        return save_prompt_file(path, dict(self.prompt_learner.state_dict()), self.method, self.options(),
+                                self.classnames, model_name or self.model_name)
+
+    def load(self, path) -> Dict[str, Any]:
+        """Load a promptcore prompt file written by :meth:`save` into this module; returns its metadata.
+
+        The file must hold this method's prompts with matching shapes; on any mismatch nothing changes.
+        """
+        tensors, meta = read_prompt_file(path)
+        if meta["method"] != self.method:
+            raise CheckpointError(f"{path} holds {meta['method']} prompts, this module is {self.method}")
+        self._load_learner_state(tensors, path)
+        return meta
+
+    def _load_learner_state(self, state: Dict[str, torch.Tensor], source) -> None:
+        """Copy ``state`` into the prompt learner after checking every key and shape."""
+        own = self.prompt_learner.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise CheckpointError(f"{source} lacks {', '.join(missing)}")
+        for key, target in own.items():
+            value = state[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(self._shape_message(key, tuple(value.shape), tuple(target.shape), source))
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+        self.clear_cache()
+
+    def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
+        return f"{source}: {key} has shape {got}, this {type(self).__name__} expects {want}"
+
+    @classmethod
+    def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):
+        """Build the module a promptcore prompt file describes (its options and class names) and load it."""
+        _, meta = read_prompt_file(path)
+        if cls.method and meta["method"] != cls.method:
+            raise CheckpointError(f"{path} holds {meta['method']} prompts, not {cls.method}")
+        options = dict(meta["options"])
+        options.update(overrides)
+        classnames: Sequence[str] = options.pop("classnames", None) or meta["classnames"]
+        module = cls(model, classnames, tokenizer=tokenizer, **options)
+        module.load(path)
+        module.model_name = meta["model_name"]
+        return module

@@ -1,0 +1,281 @@
+"""Checkpoints: official Dassl files (read without executing pickled code) and promptcore files.
+
+Dassl's ``model.pth.tar-N`` is a ``torch.save`` zip archive holding ``{"state_dict", "epoch",
+"optimizer", "scheduler", "val_result"}``; its scheduler entry pickles LR-scheduler and optimizer
+objects, so ``torch.load(weights_only=True)`` refuses it. :func:`read_torch_checkpoint` reads the
+archive itself: tensors and plain containers are rebuilt; objects of known training libraries
+(Dassl, torch.optim, yacs, numpy) become inert placeholders that are never constructed; any other
+global (``os.system``, ``builtins.eval``, ...) stops the load with :class:`UnsafeCheckpointError`.
+
+promptcore's own prompt files are safetensors with JSON metadata (method, options, class
+names, model name), written atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used here (wrong method, shape, format...)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle asks for code promptcore will not run."""
+
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+}
+_DTYPE_NAMES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                "complex64", "complex128", "float", "double", "half", "long", "int"}
+# Objects of these libraries appear in training checkpoints (schedulers, optimizers, configs);
+# they are replaced by inert placeholders, never imported or called.
+_INERT_PREFIXES = ("dassl.", "torch.optim.", "yacs.", "numpy.", "trainers.")
+_PLAIN_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
+                   "bytearray", "slice", "range"}
+
+
+class Inert:
+    """Placeholder for an object of a training library; it keeps only its class name."""
+
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return f"<inert {self.qualname}>"
+
+
+def _inert_class(module: str, name: str):
+    return type(name, (Inert,), {"qualname": f"{module}.{name}", "__module__": "promptcore.checkpoints"})
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    flat = storage
+    return flat.as_strided(tuple(size), tuple(stride), offset).clone()
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+        super().__init__(file)
+        self._archive = archive
+        self._prefix = prefix
+        self._path = path
+        self._storages: Dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "collections" and name == "defaultdict":
+            return collections.defaultdict
+        if module in ("builtins", "__builtin__") and name in _PLAIN_BUILTINS:
+            return getattr(__import__("builtins"), name)
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and name in _DTYPE_NAMES:
+            return getattr(torch, name)
+        if module == "torch" and name in ("Size", "device"):
+            return getattr(torch, name)
+        if module == "_codecs" and name == "encode":
+            return lambda text, encoding="latin1": text.encode(encoding)
+        if any(f"{module}.".startswith(p) for p in _INERT_PREFIXES):
+            return _inert_class(module, name)
+        raise UnsafeCheckpointError(
+            f"refusing to load {self._path}: it references {module}.{name}, which is neither a tensor nor a "
+            "known training object; promptcore does not execute code from checkpoints"
+        )
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise UnsafeCheckpointError(f"refusing to load {self._path}: unexpected persistent id {pid!r}")
+        storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafeCheckpointError(f"refusing to load {self._path}: storage of unknown type {storage_type!r}")
+        if key not in self._storages:
+            try:
+                raw = self._archive.read(f"{self._prefix}data/{key}")
+            except KeyError as exc:
+                raise CheckpointError(f"{self._path} is truncated: storage {key} is missing") from exc
+            self._storages[key] = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else \
+                torch.empty(0, dtype=storage_type.dtype)
+        return self._storages[key]
+
+
+def read_torch_checkpoint(path) -> Any:
+    """Load a ``torch.save`` zip archive without executing arbitrary pickled code (CPU tensors)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a torch zip archive (files from torch < 1.6 must be re-saved)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path} holds {len(pickles)} data.pkl records, expected one")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).decode() != "little":
+            raise CheckpointError(f"{path} was written on a big-endian machine; re-save it on little-endian")
+        data = archive.read(pickles[0])
+        return _RestrictedUnpickler(io.BytesIO(data), archive, prefix, path).load()
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or the newest ``model.pth.tar-N`` / ``model-best.pth.tar`` under a folder."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint file or folder at {p}")
+    candidates = [q for q in p.rglob("model.pth.tar-*") if re.fullmatch(r"model\.pth\.tar-\d+", q.name)]
+    if candidates:
+        return max(candidates, key=lambda q: int(q.name.rsplit("-", 1)[1]))
+    best = sorted(p.rglob("model-best.pth.tar"))
+    if best:
+        return best[0]
+    raise FileNotFoundError(f"no model.pth.tar-N or model-best.pth.tar under {p}")
+
+
+def official_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Path, Dict[str, Any]]:
+    """The prompt-learner tensors of an official (Dassl) checkpoint, keys as the prompt learner names them.
+
+    Whole-model files (MaPLe) are reduced to their ``prompt_learner.*`` entries; a ``module.``
+    prefix (DataParallel) is dropped. Returns (state_dict, file, other top-level entries).
+    """
+    file = resolve_checkpoint(path)
+    ckpt = read_torch_checkpoint(file)
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+        info = {k: v for k, v in ckpt.items() if k in ("epoch", "val_result")}
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state, info = ckpt, {}
+    else:
+        raise CheckpointError(f"{file} holds no state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: state_dict is a {type(state).__name__}, not a mapping")
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    learner = {k[len("prompt_learner."):]: v for k, v in state.items() if k.startswith("prompt_learner.")}
+    if learner:
+        info["full_model_keys"] = {k: v for k, v in state.items() if not k.startswith("prompt_learner.")}
+        state = learner
+    return state, file, info
+
+
+def detect_method(state: Dict[str, torch.Tensor]) -> str:
+    """Which method's prompt learner a state dict belongs to ("coop", "cocoop", "maple" or "unknown")."""
+    keys = set(state)
+    if any(k.startswith("compound_prompts_text") or k.startswith("compound_prompt_projections") for k in keys) \
+            or "proj.weight" in keys:
+        return "maple"
+    if any(k.startswith("meta_net.") for k in keys):
+        return "cocoop"
+    if "ctx" in keys:
+        return "coop"
+    return "unknown"
+
+
+METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "tpt": "TPT"}
+
+
+def check_method(state: Dict[str, torch.Tensor], expected: str, source) -> None:
+    """Raise a clear error when ``state`` belongs to another method than ``expected``."""
+    found = detect_method(state)
+    if found == "unknown":
+        raise CheckpointError(f"{source} holds no prompt-learner context ('ctx'); keys: {sorted(state)[:8]}")
+    if found != expected:
+        raise CheckpointError(
+            f"{source} holds {METHOD_NAMES[found]} prompts, not {METHOD_NAMES[expected]}; "
+            f"load it with promptcore.{METHOD_NAMES[found]}"
+        )
+
+
+# -- promptcore's own files -------------------------------------------------------------------
+
+FORMAT = "promptcore-prompts"
+FORMAT_VERSION = "1"
+
+
+def save_prompt_file(path, tensors: Dict[str, torch.Tensor], method: str, options: Dict[str, Any],
+                     classnames, model_name: Optional[str] = None) -> Path:
+    """Write ``tensors`` and metadata as safetensors, atomically (no partial file on failure)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "options": json.dumps(options, sort_keys=True),
+        "classnames": json.dumps(list(classnames)),
+        "model_name": model_name or "",
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_prompt_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Tensors and decoded metadata (method, options, classnames, model_name) of a promptcore file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a promptcore prompt file (format={raw.get('format')!r})")
+    meta = {
+        "method": raw["method"],
+        "options": json.loads(raw["options"]),
+        "classnames": json.loads(raw["classnames"]),
+        "model_name": raw.get("model_name") or None,
+        "format_version": raw.get("format_version"),
+    }
+    return tensors, meta

@@ -1,0 +1,132 @@
+"""CoOp: context optimization (Zhou et al., 2022), as in KaiyangZhou/CoOp trainers/coop.py."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .base import PromptModule
+from .checkpoints import CheckpointError, check_method, official_state_dict
+from .engine import PromptSet
+from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, context_prompts, init_context
+
+
+class CoOpPromptLearner(nn.Module):
+    """Holds the learned context ``ctx`` ((n_ctx, D), or (n_cls, n_ctx, D) class-specific) and the
+    prompt set of the current class list. State-dict keys match the official prompt learner."""
+
+    def __init__(self, ctx: torch.Tensor):
+        super().__init__()
+        self.ctx = nn.Parameter(ctx)
+        self.prompts: Optional[PromptSet] = None
+
+
+class CoOp(PromptModule):
+    """CoOp over an open_clip CLIP model.
+
+    ``logits = coop(images)`` gives (B, n_cls) scaled cosine logits; only
+    ``coop.prompt_learner.ctx`` is trainable (CLIP is frozen). In eval mode the text features
+    are cached until ``ctx`` or the class list changes.
+
+    Args:
+        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` with a causal text tower (others fall back
+            to the full-prompt path).
+        classnames: class names in label order (``_`` becomes a space, as officially).
+        tokenizer: open_clip tokenizer; the default CLIP BPE tokenizer when None.
+        n_ctx: context length (ignored when ``ctx_init`` is given: its word count wins).
+        ctx_init: init phrase such as "a photo of a"; random N(0, 0.02) context when None.
+        csc: class-specific context (ignored with ``ctx_init``, as officially).
+        class_token_position: "end", "middle" or "front".
+        text_path: "auto" (fast where exact), "fast" or "naive" (official full prompts).
+        seed: seed of the random context init (None: torch's global generator).
+    """
+
+    method = "coop"
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 16,
+                 ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
+                 text_path: str = "auto", seed: Optional[int] = None, freeze: bool = True):
+        super().__init__(model, tokenizer, text_path, freeze)
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"unknown class token position {class_token_position!r}; "
+                             f"choose one of {', '.join(CLASS_TOKEN_POSITIONS)}")
+        names = clean_classnames(classnames)
+        csc = bool(csc) and not ctx_init
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx,
+                                          (len(names),) if csc else (), generator=generator)
+        self.n_ctx, self.ctx_init, self.csc = n_ctx, ctx_init, csc
+        self.class_token_position = class_token_position
+        self.prompt_prefix = phrase
+        self.prompt_learner = CoOpPromptLearner(ctx)
+        self.set_classnames(classnames)
+        self._finish_init()
+
+    def options(self) -> Dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
+                "class_token_position": self.class_token_position}
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Swap the class list (base-to-new evaluation); a class-specific context must keep its count."""
+        names = clean_classnames(classnames)
+        if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
+            raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
+                             f"got {len(names)} class names")
+        tower = self.engine.tower
+        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
+                                self.class_token_position, raw_names=list(classnames))
+        prompts = PromptSet(tower, built.ids, built.slots, "class" if self.csc else "shared")
+        self.prompt_learner.prompts = prompts
+        self.classnames = list(classnames)
+        self.name_lens = built.name_lens
+        self._classes_version += 1
+        self.clear_cache()
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
+        return self.prompt_learner.prompts.ids
+
+    def _compute_text_features(self) -> torch.Tensor:
+        return self.encode_text(self.text_path)
+
+    def encode_text(self, path: str = "auto") -> torch.Tensor:
+        """Text features (n_cls, E) of the current prompts, through ``path`` ("auto", "fast", "naive")."""
+        learner = self.prompt_learner
+        return self.engine.encode(learner.prompts, learner.ctx, path=path)[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_cls) for images (B, 3, H, W)."""
+        image_features = self.encode_images(images)
+        return self.logits(image_features, self.text_features())
+
+    def load_official(self, path) -> Dict[str, Any]:
+        """Load a KaiyangZhou/CoOp checkpoint (``prompt_learner/model.pth.tar-N`` or its folder).
+
+        The saved ``token_prefix``/``token_suffix`` (embeddings of the training classes) are
+        dropped, as the official ``load_model`` does. Returns the file's epoch and path.
+        """
+        state, file, info = official_state_dict(path)
+        check_method(state, "coop", file)
+        ctx = state["ctx"]
+        own = self.prompt_learner.ctx
+        if tuple(ctx.shape) != tuple(own.shape):
+            raise CheckpointError(self._ctx_mismatch(tuple(ctx.shape), tuple(own.shape), file))
+        self._load_learner_state({"ctx": ctx}, file)
+        return {"file": str(file), "epoch": info.get("epoch")}
+
+    def _ctx_mismatch(self, got: tuple, want: tuple, source) -> str:
+        def describe(shape):
+            if len(shape) == 3:
+                return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
+            if len(shape) == 2:
+                return f"generic, n_ctx={shape[0]}, width={shape[1]}"
+            return f"shape {shape}"
+        return f"{source}: checkpoint ctx is {describe(got)}, this CoOp has {describe(want)}"
+
+    def _shape_message(self, key, got, want, source) -> str:
+        if key == "ctx":
+            return self._ctx_mismatch(got, want, source)
+        return super()._shape_message(key, got, want, source)

@@ -1,0 +1,261 @@
+"""The text-encoding engine: full-length (naive) and shared-prefix, EOT-truncated (fast) paths.
+
+A prompt set is C token sequences (one per class) whose positions are either fixed tokens or
+slots of a learned context. In a causal tower the hidden state of position i depends only on
+positions 0..i, and the feature is read at the EOT token, so:
+
+* positions after the last EOT are never computed (EOT truncation);
+* the first P positions, identical for every class, are encoded once per group; each class's
+  suffix (positions P .. EOT) attends to the prefix's keys/values plus its own (prefix sharing).
+
+A *group* is one copy of the prefix: one for CoOp, one per image for CoCoOp and TPT. The naive
+path assembles full ``context_length`` prompts and runs open_clip's own blocks, as the official
+code does; it is the test oracle, the benchmark baseline and the fallback for towers where the
+shortcut is not exact.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from promptcore.kernels import assemble_prompts, prefix_attention
+
+from .tower import TextTower
+
+PATHS = ("auto", "fast", "naive")
+_reported_fallbacks: set = set()
+
+
+class PromptSet(nn.Module):
+    """Token ids and context slots of C prompts, with their prefix/suffix split.
+
+    ``ids`` (C, L) are the token ids as fed to the tower (placeholders at context slots),
+    ``slots`` (C, L) hold -1 for a fixed token or the context row k that fills the position.
+    ``ctx_layout`` says whether context rows are shared by all classes ("shared" or "group",
+    one copy per group) or class-specific ("class"); class-specific rows end the shared prefix.
+    """
+
+    def __init__(self, tower: TextTower, ids: torch.Tensor, slots: torch.Tensor, ctx_layout: str = "shared"):
+        super().__init__()
+        if ids.dim() != 2 or ids.shape != slots.shape:
+            raise ValueError(f"ids and slots must both be (C, L), got {tuple(ids.shape)} and {tuple(slots.shape)}")
+        if ids.shape[0] == 0:
+            raise ValueError("a prompt set needs at least one class")
+        device = tower.device
+        ids = ids.to(device=device, dtype=torch.long)
+        slots = slots.to(device=device, dtype=torch.long)
+        eot = tower.pool_positions(ids)
+        same = (ids == ids[:1]).all(dim=0) & (slots == slots[:1]).all(dim=0)
+        if ctx_layout == "class":
+            same &= slots[0] < 0
+        not_same = (~same).nonzero()
+        prefix_len = int(not_same[0, 0]) if len(not_same) else ids.shape[1]
+        prefix_len = max(0, min(prefix_len, int(eot.min())))
+        self.ctx_layout = ctx_layout
+        self.prefix_len = prefix_len
+        self.suffix_len = int(eot.max()) + 1 - prefix_len
+        self.register_buffer("ids", ids, persistent=False)
+        self.register_buffer("slots", slots, persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        keep = prefix_len + self.suffix_len
+        with torch.no_grad():
+            self.register_buffer("token_embeds", tower.token_embedding(ids[:, :keep]), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def live_tokens(self) -> Tuple[int, int]:
+        """(tokens per layer on the fast path for one group, tokens per layer on the naive path)."""
+        return self.prefix_len + self.num_classes * self.suffix_len, self.num_classes * self.ids.shape[1]
+
+    def has_ctx(self, start: int, stop: int) -> bool:
+        return bool((self.slots[:, start:stop] >= 0).any())
+
+
+@dataclass
+class LayerPrompts:
+    """Values that overwrite prompt positions before a block (MaPLe's deep text prompts).
+
+    ``values[layer]`` is (K, D), or (G, K, D) with one set per group, written at ``positions``
+    (absolute token positions, all inside the shared prefix).
+    """
+
+    positions: Sequence[int]
+    values: Dict[int, torch.Tensor]
+
+
+def _layer_norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with fp32 statistics, cast back to the input dtype."""
+    weight = mod.weight.float() if mod.weight is not None else None
+    bias = mod.bias.float() if mod.bias is not None else None
+    return F.layer_norm(x.float(), mod.normalized_shape, weight, bias, mod.eps).to(x.dtype)
+
+
+def _overwrite(x: torch.Tensor, positions: Sequence[int], values: torch.Tensor) -> torch.Tensor:
+    """Out-of-place ``x[:, positions] = values`` for x (N, L, D); values (K, D) or (N, K, D)."""
+    index = torch.as_tensor(list(positions), device=x.device)
+    values = values.to(x.dtype)
+    if values.dim() == 3 and values.shape[0] != x.shape[0]:
+        x = x.expand(values.shape[0], -1, -1)
+    if values.dim() == 2:
+        values = values.unsqueeze(0).expand(x.shape[0], -1, -1)
+    return x.index_copy(1, index, values)
+
+
+class TextEngine:
+    """Encodes prompt sets with the fast (shared-prefix) or naive (full-prompt) path."""
+
+    def __init__(self, model: nn.Module):
+        self.tower = TextTower(model)
+
+    @property
+    def fast_path_available(self) -> bool:
+        return self.tower.fast_path_issue is None
+
+    def resolve_path(self, path: str) -> str:
+        if path not in PATHS:
+            raise ValueError(f"unknown text path {path!r}; choose one of {PATHS}")
+        issue = self.tower.fast_path_issue
+        if path == "fast" and issue is not None:
+            raise ValueError(f"the fast text path is not exact for this model: {issue}")
+        if path == "auto":
+            if issue is None:
+                return "fast"
+            if issue not in _reported_fallbacks:
+                _reported_fallbacks.add(issue)
+                warnings.warn(f"promptcore: using the full-prompt text path because {issue}", stacklevel=3)
+            return "naive"
+        return path
+
+    def encode(
+        self,
+        prompts: PromptSet,
+        ctx: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+        path: str = "auto",
+        layer_prompts: Optional[LayerPrompts] = None,
+    ) -> torch.Tensor:
+        """Text features (G, C, E) of the prompt set with context ``ctx`` (and per-group ``bias``).
+
+        ``ctx`` follows ``prompts.ctx_layout``: (K, D) shared, (C, K, D) class-specific,
+        (G, K, D) per group. ``bias`` (G, D) is added to every context row of group g.
+        """
+        resolved = self.resolve_path(path)
+        if resolved == "fast" and prompts.prefix_len == 0:
+            resolved = "naive"
+        if resolved == "fast":
+            return self.encode_fast(prompts, ctx, bias, layer_prompts)
+        return self.encode_naive(prompts, ctx, bias, layer_prompts)
+
+    # -- naive path -------------------------------------------------------------------------
+
+    def encode_naive(self, prompts: PromptSet, ctx=None, bias=None, layer_prompts=None) -> torch.Tensor:
+        """Full-length prompts through open_clip's blocks, the way the official code runs them."""
+        tower = self.tower
+        dtype = tower.dtype
+        C, L = prompts.ids.shape
+        with torch.no_grad():
+            tokens = tower.token_embedding(prompts.ids).to(dtype)
+        pos = tower.positional_embedding[:L].to(dtype)
+        x = assemble_prompts(tokens, prompts.slots, pos, _cast(ctx, dtype), _cast(bias, dtype),
+                             prompts.ctx_layout if ctx is not None else "shared")
+        G = x.shape[0]
+        x = x.reshape(G * C, L, -1)
+        ids = prompts.ids.repeat(G, 1)
+        layer_inputs = None
+        if layer_prompts is not None:
+            layer_inputs = {
+                layer: _naive_overwriter(layer_prompts.positions, vals, G, C)
+                for layer, vals in layer_prompts.values.items()
+            }
+        feats = tower.encode_full(x, ids, layer_inputs)
+        return feats.reshape(G, C, -1)
+
+    # -- fast path --------------------------------------------------------------------------
+
+    def encode_fast(self, prompts: PromptSet, ctx=None, bias=None, layer_prompts=None) -> torch.Tensor:
+        """Shared prefix once per group, EOT-truncated suffixes attending to it."""
+        tower = self.tower
+        dtype = tower.dtype
+        P, S, C = prompts.prefix_len, prompts.suffix_len, prompts.num_classes
+        layout = prompts.ctx_layout if ctx is not None else "shared"
+        pos = tower.positional_embedding.to(dtype)
+        tokens = prompts.token_embeds.to(dtype)
+        ctx, bias = _cast(ctx, dtype), _cast(bias, dtype)
+        if layout == "class" and prompts.has_ctx(0, P):
+            raise ValueError("class-specific context cannot sit in the shared prefix")
+
+        prefix_ctx = ctx if prompts.has_ctx(0, P) else None
+        prefix_layout = "shared" if layout == "class" else layout
+        x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P], prefix_ctx,
+                                    bias if prefix_ctx is not None else None, prefix_layout)[:, 0]
+        suffix_ctx = ctx if prompts.has_ctx(P, P + S) else None
+        x_suffix = assemble_prompts(tokens[:, P:], prompts.slots[:, P:P + S], pos[P:P + S], suffix_ctx,
+                                    bias if suffix_ctx is not None else None, layout)
+        G = max(x_prefix.shape[0], x_suffix.shape[0])
+        if layer_prompts is not None:
+            G = max(G, *(v.shape[0] for v in layer_prompts.values.values() if v.dim() == 3))
+        if x_prefix.shape[0] != G:
+            x_prefix = x_prefix.expand(G, -1, -1)
+        suffix_lens = prompts.eot - P + 1
+        heads = tower.heads
+        for i, blk in enumerate(tower.blocks):
+            if layer_prompts is not None and i in layer_prompts.values:
+                x_prefix = _overwrite(x_prefix, layer_prompts.positions, layer_prompts.values[i])
+            x_prefix, x_suffix = _shared_prefix_block(blk, x_prefix, x_suffix, suffix_lens, heads)
+        eot_rows = x_suffix[:, torch.arange(C, device=x_suffix.device), prompts.eot - P]
+        if eot_rows.shape[0] != G:
+            eot_rows = eot_rows.expand(G, -1, -1)
+        return tower.project(eot_rows)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _naive_overwriter(positions, values: torch.Tensor, G: int, C: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if values.dim() == 3:  # one set per group: repeat each group's values over its C prompts
+        values = values.repeat_interleave(C, dim=0)
+    return lambda x: _overwrite(x, positions, values)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *lead, three_d = qkv.shape
+    width = three_d // 3
+    q, k, v = qkv.view(*lead, 3, heads, width // heads).unbind(-3)
+    return q, k, v
+
+
+def _shared_prefix_block(blk: nn.Module, x_prefix: torch.Tensor, x_suffix: torch.Tensor,
+                         suffix_lens: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One residual block over the prefix (G, P, D) and the suffixes (G or 1, C, S, D)."""
+    attn = blk.attn
+    G, P, D = x_prefix.shape
+    head_dim = D // heads
+
+    h = _layer_norm(blk.ln_1, x_prefix)
+    q_p, k_p, v_p = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G P H d
+    o = F.scaled_dot_product_attention(q_p.transpose(1, 2).float(), k_p.transpose(1, 2).float(),
+                                       v_p.transpose(1, 2).float(), is_causal=True)
+    o = o.transpose(1, 2).reshape(G, P, D).to(x_prefix.dtype)
+    new_prefix = x_prefix + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias))
+    new_prefix = new_prefix + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, new_prefix)))
+
+    h = _layer_norm(blk.ln_1, x_suffix)
+    q_s, k_s, v_s = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G' C S H d
+    if q_s.shape[0] != G:
+        q_s, k_s, v_s = (t.expand(G, *t.shape[1:]) for t in (q_s, k_s, v_s))
+    o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(head_dim))
+    C, S = o.shape[1], o.shape[2]
+    new_suffix = x_suffix + blk.ls_1(F.linear(o.reshape(G, C, S, D), attn.out_proj.weight, attn.out_proj.bias))
+    new_suffix = new_suffix + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, new_suffix)))
+    return new_prefix, new_suffix
