@@ -73,9 +73,17 @@ class PromptModule(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image features of the frozen image tower (images cast to the model dtype, as officially)."""
         self.check_images(images)
+        return self.model.encode_image(images.to(self.image_dtype))
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """The dtype images are cast to (the patch embedding's, as the official ``clip_model.dtype``)."""
         visual = getattr(self.model, "visual", None)
-        dtype = next(visual.parameters()).dtype if visual is not None else self.dtype
-        return self.model.encode_image(images.to(dtype))
+        conv = getattr(visual, "conv1", None)
+        if conv is not None:
+            return conv.weight.dtype
+        weights = [p for p in visual.parameters() if p.dim() > 1] if visual is not None else []
+        return weights[0].dtype if weights else self.dtype
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """``exp(logit_scale) * normalize(img) @ normalize(txt).T`` in the image features' dtype."""

@@ -203,7 +203,7 @@ class TextEngine:
                                     bias if suffix_ctx is not None else None, layout)
         G = max(x_prefix.shape[0], x_suffix.shape[0])
         if layer_prompts is not None:
-            G = max(G, *(v.shape[0] for v in layer_prompts.values.values() if v.dim() == 3))
+            G = max([G] + [v.shape[0] for v in layer_prompts.values.values() if v.dim() == 3])
         if x_prefix.shape[0] != G:
             x_prefix = x_prefix.expand(G, -1, -1)
         suffix_lens = prompts.eot - P + 1

@@ -1,0 +1,174 @@
+"""The shared-prefix, EOT-truncated text path against the full-prompt (official) path."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import MIXED_NAMES, make_model, read_classnames
+
+import promptcore
+from promptcore import LayerPrompts, PromptSet, TextEngine
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _fast_and_naive(coop):
+    ctx = coop.prompt_learner.ctx
+    fast = coop.encode_text("fast")
+    (g_fast,) = torch.autograd.grad(fast.float().pow(2).sum(), ctx)
+    naive = coop.encode_text("naive")
+    (g_naive,) = torch.autograd.grad(naive.float().pow(2).sum(), ctx)
+    return fast, naive, g_fast, g_naive
+
+
+@pytest.mark.parametrize("kind", ["quickgelu", "gelu_ls", "custom_text"])
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("csc", [False, True])
+@pytest.mark.parametrize("n_ctx", [1, 4, 16])
+def test_fast_equals_naive_fp32(kind, position, csc, n_ctx):
+    coop = promptcore.CoOp(make_model(kind), MIXED_NAMES, n_ctx=n_ctx, csc=csc, class_token_position=position, seed=3)
+    fast, naive, g_fast, g_naive = _fast_and_naive(coop)
+    assert fast.shape == naive.shape == (len(MIXED_NAMES), 32)
+    assert _rel(fast, naive) < 1e-5
+    assert _rel(g_fast, g_naive) < 1e-5
+    assert g_naive.abs().max() > 0
+
+
+def test_prefix_and_suffix_split():
+    coop = promptcore.CoOp(make_model(), ["dog", "great white shark"], n_ctx=4)
+    prompts = coop.prompt_learner.prompts
+    assert prompts.prefix_len == 5  # SOS + 4 context tokens
+    # "great white shark ." + EOT: 3 + 1 + 1 positions after the prefix
+    assert prompts.suffix_len == 5
+    assert prompts.eot.tolist() == [7, 9]
+    csc = promptcore.CoOp(make_model(), ["dog", "great white shark"], n_ctx=4, csc=True)
+    assert csc.prompt_learner.prompts.prefix_len == 1  # class-specific context cannot be shared
+
+
+def test_init_phrase_and_one_class():
+    coop = promptcore.CoOp(make_model(), ["goldfish"], ctx_init="a photo of a")
+    assert coop.n_ctx == 4 and coop.prompt_learner.ctx.shape == (4, 64)
+    fast, naive, g_fast, g_naive = _fast_and_naive(coop)
+    assert fast.shape == (1, 32)
+    assert _rel(fast, naive) < 1e-5 and _rel(g_fast, g_naive) < 1e-5
+
+
+def test_hundreds_of_real_classes():
+    names = read_classnames("imagenet")[:300] + read_classnames("stanford_cars")[:60]
+    coop = promptcore.CoOp(make_model("gelu_ls"), names, n_ctx=16, seed=0)
+    fast, naive, g_fast, g_naive = _fast_and_naive(coop)
+    assert _rel(fast, naive) < 1e-5 and _rel(g_fast, g_naive) < 1e-5
+    live_fast, live_naive = coop.prompt_learner.prompts.live_tokens
+    assert live_fast * 2 < live_naive
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("position", ["end", "front"])
+def test_low_precision_error_within_naive_error(dtype, atol, position):
+    """In fp16/bf16 the fast path's error against an fp32 oracle is at most ~2x the official path's."""
+    kw = dict(n_ctx=4, class_token_position=position, seed=5)
+    ref = promptcore.CoOp(make_model("quickgelu"), MIXED_NAMES, **kw)
+    low = promptcore.CoOp(make_model("quickgelu", dtype), MIXED_NAMES, **kw)
+    assert low.prompt_learner.ctx.dtype == dtype
+    with torch.no_grad():  # same context values in both precisions
+        ref.prompt_learner.ctx.copy_(low.prompt_learner.ctx.float())
+    fast, naive, g_fast, g_naive = _fast_and_naive(low)
+    _, oracle, _, g_oracle = _fast_and_naive(ref)
+    assert fast.dtype == dtype
+    err_fast = (fast.double() - oracle.double()).abs().max()
+    err_naive = (naive.double() - oracle.double()).abs().max()
+    assert err_fast <= 2 * err_naive + atol * oracle.abs().max()
+    gerr_fast = (g_fast.double() - g_oracle.double()).abs().max()
+    gerr_naive = (g_naive.double() - g_oracle.double()).abs().max()
+    assert gerr_fast <= 2 * gerr_naive + atol * g_oracle.abs().max()
+
+
+def test_vit_b16_random_weights():
+    model = make_model("vit_b16")
+    names = read_classnames("imagenet")[:40]
+    coop = promptcore.CoOp(model, names, n_ctx=16, seed=0)
+    fast, naive, g_fast, g_naive = _fast_and_naive(coop)
+    assert fast.shape == (40, 512)
+    assert _rel(fast, naive) < 1e-5 and _rel(g_fast, g_naive) < 1e-5
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = coop(images)
+        img = model.encode_image(images)
+        expected = model.logit_scale.exp() * torch.nn.functional.normalize(img, dim=-1) @ \
+            torch.nn.functional.normalize(naive.detach(), dim=-1).t()
+    assert logits.shape == (2, 40)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,reason", [("bidirectional", "bidirectional"), ("cls_token", "CLS"),
+                                         ("pool_last", "'last'")])
+def test_non_causal_towers_fall_back(kind, reason):
+    from promptcore import engine as engine_mod
+
+    engine_mod._reported_fallbacks.clear()
+    model = make_model(kind)
+    with pytest.raises(ValueError, match="not exact"):
+        promptcore.CoOp(model, MIXED_NAMES, n_ctx=4, text_path="fast")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coop = promptcore.CoOp(model, MIXED_NAMES, n_ctx=4, seed=0)
+        auto = coop.encode_text("auto")
+        coop.encode_text("auto")
+    said = [w for w in caught if "full-prompt text path" in str(w.message)]
+    assert len(said) == 1 and reason in str(said[0].message)
+    torch.testing.assert_close(auto, coop.encode_text("naive"), rtol=0, atol=0)
+    # the shortcut would be wrong here: this is what the fallback protects against
+    assert _rel(coop.engine.encode_fast(coop.prompt_learner.prompts, coop.prompt_learner.ctx)[0], auto) > 1e-3
+
+
+def _group_setup(G=3, ctx_layout="group"):
+    model = make_model("gelu_ls")
+    engine = TextEngine(model)
+    tok = promptcore.prompts.default_tokenizer()
+    built = promptcore.prompts.context_prompts(tok, MIXED_NAMES, 4, "X X X X", 77)
+    prompts = PromptSet(engine.tower, built.ids, built.slots, ctx_layout)
+    gen = torch.Generator().manual_seed(0)
+    shape = (G, 4, 64) if ctx_layout == "group" else (4, 64)
+    ctx = (0.02 * torch.randn(*shape, generator=gen)).requires_grad_()
+    return engine, prompts, ctx, gen
+
+
+def test_groups_with_own_context_and_bias():
+    engine, prompts, ctx, gen = _group_setup(G=3)
+    bias = (0.05 * torch.randn(3, 64, generator=gen)).requires_grad_()
+    fast = engine.encode(prompts, ctx, bias, path="fast")
+    naive = engine.encode(prompts, ctx, bias, path="naive")
+    assert fast.shape == (3, len(MIXED_NAMES), 32)
+    assert _rel(fast, naive) < 1e-5
+    g_fast = torch.autograd.grad(fast.pow(2).sum(), (ctx, bias))
+    g_naive = torch.autograd.grad(naive.pow(2).sum(), (ctx, bias))
+    for a, b in zip(g_fast, g_naive):
+        assert _rel(a, b) < 1e-5
+    # each group is the same as encoding it alone
+    alone = engine.encode(prompts, ctx[1:2], bias[1:2], path="fast")
+    torch.testing.assert_close(alone[0], fast[1], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_context_with_per_group_bias():
+    engine, prompts, ctx, gen = _group_setup(ctx_layout="shared")
+    bias = 0.05 * torch.randn(2, 64, generator=gen)
+    fast = engine.encode(prompts, ctx, bias, path="fast")
+    naive = engine.encode(prompts, ctx, bias, path="naive")
+    assert fast.shape[0] == 2 and _rel(fast, naive) < 1e-5
+
+
+def test_layer_prompts_overwrite_prefix_positions():
+    engine, prompts, ctx, gen = _group_setup(ctx_layout="shared")
+    deep = {1: (0.02 * torch.randn(4, 64, generator=gen)).requires_grad_(),
+            2: (0.02 * torch.randn(4, 64, generator=gen)).requires_grad_()}
+    layer_prompts = LayerPrompts(positions=[1, 2, 3, 4], values=deep)
+    fast = engine.encode(prompts, ctx, layer_prompts=layer_prompts, path="fast")
+    naive = engine.encode(prompts, ctx, layer_prompts=layer_prompts, path="naive")
+    plain = engine.encode(prompts, ctx, path="naive")
+    assert _rel(fast, naive) < 1e-5 and _rel(plain, naive) > 1e-4
+    gf = torch.autograd.grad(fast.pow(2).sum(), list(deep.values()))
+    gn = torch.autograd.grad(naive.pow(2).sum(), list(deep.values()))
+    for a, b in zip(gf, gn):
+        assert _rel(a, b) < 1e-5
