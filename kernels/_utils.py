@@ -1,0 +1,59 @@
+"""Shared helpers of the Triton kernels: the guarded Triton import and small host utilities.
+
+Triton is optional (absent on macOS and Windows): ``triton`` and ``tl`` are ``None`` there and
+the kernel files define no kernels; :func:`promptcore.kernels.use_triton` then always picks
+the PyTorch reference. Nothing here touches a device at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # guarded: `import promptcore.kernels` must work without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on platforms without Triton
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def next_pow2(n: int, floor: int = 1) -> int:
+    """Smallest power of two >= max(n, floor) (Triton block sizes must be powers of two)."""
+    n = max(int(n), int(floor), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def no_zero_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself unless some dimension of size > 1 has stride 0 (an expanded view), then a copy.
+
+    Expanded views alias memory (and read garbage under the Triton interpreter); every other
+    layout is passed to the kernels as is, with its strides.
+    """
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return t.contiguous()
+    return t
+
+
+def dot_in_input_dtype(t: torch.Tensor) -> bool:
+    """Whether ``tl.dot`` may take fp16/bf16 tiles as they are (tensor cores, fp32 accumulation).
+
+    Only compiled CUDA kernels: under the interpreter bf16 ``tl.dot`` is silently wrong, so there
+    (and for fp32 inputs) tiles are upcast to fp32 and multiplied in IEEE fp32.
+    """
+    return t.is_cuda and t.dtype in _LOW_PRECISION
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def offsets_2d(rows, cols, stride_row, stride_col):
+        """Element offsets ``rows * stride_row + cols * stride_col`` computed in int64.
+
+        ``rows``/``cols`` may be int32 (``tl.arange``); they are widened first so that tensors
+        past 2**31 elements address correctly.
+        """
+        return rows.to(tl.int64) * stride_row + cols.to(tl.int64) * stride_col
