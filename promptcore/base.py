@@ -104,7 +104,7 @@ class PromptModule(nn.Module):
                 return self._text_cache[1]
             feats = self._compute_text_features()
             self._text_cache = (key, feats.detach())
-            return feats
+            return self._text_cache[1]
         self._text_cache = None
         return self._compute_text_features()
 
