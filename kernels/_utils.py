@@ -57,3 +57,22 @@ if HAS_TRITON:
         past 2**31 elements address correctly.
         """
         return rows.to(tl.int64) * stride_row + cols.to(tl.int64) * stride_col
+
+    @triton.jit
+    def cast_for_store(x, ptr, RTNE_BF16: tl.constexpr):
+        """``x`` (fp32) cast to the element type of ``ptr``, rounding to nearest even.
+
+        The Triton interpreter truncates fp32 -> bf16; with ``RTNE_BF16`` (set only for
+        interpreted bf16 outputs, see :func:`needs_bf16_rounding`) the rounding is done on
+        the bits first, so CPU results match the compiled kernels (and ``Tensor.to``).
+        """
+        if RTNE_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(ptr.dtype.element_ty)
+
+
+def needs_bf16_rounding(out: torch.Tensor) -> bool:
+    """Whether a kernel writing ``out`` runs interpreted with a bf16 output (see ``cast_for_store``)."""
+    return out.dtype == torch.bfloat16 and not out.is_cuda

@@ -32,7 +32,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, dot_in_input_dtype, next_pow2, no_zero_strides, tl, triton
+from ._utils import (
+    HAS_TRITON,
+    cast_for_store,
+    dot_in_input_dtype,
+    needs_bf16_rounding,
+    next_pow2,
+    no_zero_strides,
+    tl,
+    triton,
+)
 from .backend import use_triton
 
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -66,7 +75,7 @@ if HAS_TRITON:
         txt_ptr, st_n, st_e,
         img_norm_ptr, txt_norm_ptr, logit_scale_ptr,
         B, N, E, eps,
-        WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, GROUP_B: tl.constexpr,
+        WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, GROUP_B: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         # 1-D grid, tiles ordered in groups of GROUP_B row blocks so neighbours share text tiles in L2
@@ -100,7 +109,7 @@ if HAS_TRITON:
         r_img = 1.0 / tl.maximum(tl.load(img_norm_ptr + rows, mask=row_ok, other=1.0), eps)
         r_txt = 1.0 / tl.maximum(tl.load(txt_norm_ptr + cols, mask=col_ok, other=1.0), eps)
         logits = acc * (r_img * scale)[:, None] * r_txt[None, :]
-        tl.store(out_ptr + rows[:, None] * so_b + cols[None, :] * so_n, logits.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + rows[:, None] * so_b + cols[None, :] * so_n, cast_for_store(logits, out_ptr, RTNE_BF16),
                  mask=row_ok[:, None] & col_ok[None, :])
         if WITH_STATS:
             # per-row partials of this N tile, from the fp32 logits: max, sum e^(l-max), sum e^(l-max)(l-max)
@@ -198,7 +207,7 @@ if HAS_TRITON:
         dxh_ptr, sdh_r, sdh_e,
         x_ptr, sx_r, sx_e,
         norm_ptr, M, E, eps,
-        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+        RTNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """dx = (dxh - x_hat <dxh, x_hat>) / |x|, with x_hat = x / max(|x|, eps) (no projection if clamped)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -222,7 +231,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rows[:, None] * sx_r + e[None, :].to(tl.int64) * sx_e, mask=mask, other=0.0)
             dx = (dh - x.to(tl.float32) * (r * proj)[:, None]) * r[:, None]
             tl.store(dx_ptr + rows[:, None] * sdx_r + e[None, :].to(tl.int64) * sdx_e,
-                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                     cast_for_store(dx, dx_ptr, RTNE_BF16), mask=mask)
 
 
 def _check(image_features, text_features):
@@ -284,7 +293,8 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats):
         txt, txt.stride(0), txt.stride(1),
         img_norm, txt_norm, logit_scale,
         B, N, E, NORM_EPS,
-        WITH_STATS=with_stats, UPCAST=not dot_in_input_dtype(img) or img.dtype != txt.dtype, GROUP_B=8, **cfg,
+        WITH_STATS=with_stats, UPCAST=not dot_in_input_dtype(img) or img.dtype != txt.dtype, GROUP_B=8,
+        RTNE_BF16=needs_bf16_rounding(out), **cfg,
     )
     if not with_stats:
         return out, img_norm, txt_norm, None, None
@@ -327,7 +337,7 @@ def _l2_normalize_bwd(dxh, x, norm):
         dxh, dxh.stride(0), dxh.stride(1),
         x, x.stride(0), x.stride(1),
         norm, M, E, NORM_EPS,
-        BLOCK_R=block_r, BLOCK_E=min(128, next_pow2(E, 16)),
+        RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r, BLOCK_E=min(128, next_pow2(E, 16)),
     )
     return dx, rowdot
 

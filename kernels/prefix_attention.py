@@ -37,7 +37,16 @@ from typing import Optional
 
 import torch
 
-from ._utils import HAS_TRITON, dot_in_input_dtype, next_pow2, no_zero_strides, tl, triton
+from ._utils import (
+    HAS_TRITON,
+    cast_for_store,
+    dot_in_input_dtype,
+    needs_bf16_rounding,
+    next_pow2,
+    no_zero_strides,
+    tl,
+    triton,
+)
 from .backend import use_triton
 
 if HAS_TRITON:
@@ -53,7 +62,7 @@ if HAS_TRITON:
         vp_ptr, svp_g, svp_p, svp_h,
         lens_ptr,
         R, S, H, P, D, qk_scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0).to(tl.int64)
@@ -134,7 +143,7 @@ if HAS_TRITON:
             n_live = tl.load(lens_ptr + c_q, mask=row_ok, other=0)
             out = tl.where((i_q < n_live)[:, None], out, 0.0)
         o_ptrs = out_ptr + g * so_g + h * so_h + c_q[:, None] * so_c + i_q[:, None] * so_s + dcol[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, cast_for_store(out, out_ptr, RTNE_BF16), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + pid_gh * R + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
     @triton.jit
@@ -152,7 +161,7 @@ if HAS_TRITON:
         do_ptr, sdo_g, sdo_c, sdo_s, sdo_h,
         lse_ptr, lens_ptr,
         R, S, H, P, D, qk_scale, scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Per query block: dq over all its keys, and the prefix grads (atomically, fp32)."""
@@ -233,7 +242,7 @@ if HAS_TRITON:
 
         dq = dq * scale
         tl.store(dq_ptr + g * sdq_g + h * sdq_h + c_q[:, None] * sdq_c + i_q[:, None] * sdq_s + dcol[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+                 cast_for_store(dq, dq_ptr, RTNE_BF16), mask=qmask)
 
     @triton.jit
     def _prefix_attention_bwd_dkdv_kernel(
@@ -245,7 +254,7 @@ if HAS_TRITON:
         do_ptr, sdo_g, sdo_c, sdo_s, sdo_h,
         lse_ptr, delta_ptr, lens_ptr,
         R, S, H, D, qk_scale, scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Per suffix-key block: dk, dv from the queries of the same class at or after each key."""
@@ -302,9 +311,9 @@ if HAS_TRITON:
 
         dk = dk * scale
         tl.store(dk_ptr + g * sdk_g + h * sdk_h + c_k[:, None] * sdk_c + i_k[:, None] * sdk_s + dcol[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+                 cast_for_store(dk, dk_ptr, RTNE_BF16), mask=kmask)
         tl.store(dv_ptr + g * sdv_g + h * sdv_h + c_k[:, None] * sdv_c + i_k[:, None] * sdv_s + dcol[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+                 cast_for_store(dv, dv_ptr, RTNE_BF16), mask=kmask)
 
 
 def _check(q, k, v, k_prefix, v_prefix):
@@ -390,7 +399,7 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
         v_prefix, *_prefix_strides(v_prefix, G),
         lens if lens is not None else lse,
         R, S, H, P, d, scale * math.log2(math.e),
-        HAS_LENS=lens is not None, UPCAST=not dot_in_input_dtype(q),
+        HAS_LENS=lens is not None, UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return out, lse
@@ -424,7 +433,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         dout, *dout.stride()[:4],
         lse, lens_arg,
         R, S, H, P, d, scale * math.log2(math.e), scale,
-        HAS_LENS=lens is not None, UPCAST=upcast,
+        HAS_LENS=lens is not None, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     if need_dkdv:
@@ -437,7 +446,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens_arg,
             R, S, H, d, scale * math.log2(math.e), scale,
-            HAS_LENS=lens is not None, UPCAST=upcast,
+            HAS_LENS=lens is not None, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk),
             BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d,
         )
     else:

@@ -8,6 +8,21 @@ k >= 0 for "context row k"; ``pos`` (S, D); ``ctx`` (K, D) shared, (C, K, D) per
 (``ctx_layout="class"``) or (G, K, D) per group (``ctx_layout="group"``); ``bias`` (G, D)
 added to context rows only (CoCoOp's meta-net output). Output (G, C, S, D) in the dtype of
 ``token_embeds``; sums are taken in fp32 and rounded once.
+
+Triton path (any float dtypes; ctx/bias may differ in dtype from the tokens, e.g. fp32
+learned context over fp16 CLIP embeddings):
+
+* ``_assemble_prompts_fwd_kernel``: one program per (block of flattened (c, s) rows, group),
+  looping over D: each row reads either its token embedding or its context row (+ bias) and
+  its position, sums in fp32, rounds once at the store. Token embeddings are only read for
+  token rows, context rows only for context slots (masked loads).
+* ``_assemble_prompts_bwd_kernel``: the context gradient of every row (summed over groups in
+  registers for shared/class context) is added into an fp32 buffer with ``tl.atomic_add``
+  (several classes share a context row), the bias gradient per (group, block) likewise; so
+  their summation order is not deterministic.
+* grads of ``token_embeds`` and ``pos`` (rarely wanted: they are frozen CLIP weights) are
+  plain torch reductions of the output grad, computed only when asked for.
+* slots >= K (no such context row) read a zero context row here; the reference raises.
 """
 
 from __future__ import annotations
@@ -16,7 +31,87 @@ from typing import Optional
 
 import torch
 
+from ._utils import HAS_TRITON, cast_for_store, needs_bf16_rounding, next_pow2, no_zero_strides, tl, triton
+from .backend import use_triton
+
 CTX_LAYOUTS = ("shared", "class", "group")
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _assemble_prompts_fwd_kernel(
+        out_ptr, so_g, so_c, so_s,
+        tok_ptr, st_c, st_s,
+        slots_ptr, ssl_c, ssl_s,
+        pos_ptr, sp_s,
+        ctx_ptr, sx_g, sx_c, sx_k,
+        bias_ptr, sb_g,
+        R, S, D, K,
+        HAS_CTX: tl.constexpr, HAS_BIAS: tl.constexpr, RTNE_BF16: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened c * S + s
+        g = tl.program_id(1).to(tl.int64)
+        row_ok = rows < R
+        c = rows // S
+        s = rows % S
+        if HAS_CTX:
+            slot = tl.load(slots_ptr + c * ssl_c + s * ssl_s, mask=row_ok, other=-1).to(tl.int64)
+            is_ctx = row_ok & (slot >= 0)
+            is_tok = row_ok & (slot < 0)
+            ctx_row = ctx_ptr + g * sx_g + c * sx_c + slot * sx_k
+        else:
+            is_tok = row_ok
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            d_ok = cols < D
+            p = tl.load(pos_ptr + s[:, None] * sp_s + cols[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            tok = tl.load(tok_ptr + c[:, None] * st_c + s[:, None] * st_s + cols[None, :],
+                          mask=is_tok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            val = tok + p
+            if HAS_CTX:
+                x = tl.load(ctx_row[:, None] + cols[None, :], mask=(is_ctx & (slot < K))[:, None] & d_ok[None, :],
+                            other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x += tl.load(bias_ptr + g * sb_g + cols, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                val = tl.where(is_ctx[:, None], x + p, val)
+            tl.store(out_ptr + g * so_g + c[:, None] * so_c + s[:, None] * so_s + cols[None, :],
+                     cast_for_store(val, out_ptr, RTNE_BF16), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _assemble_prompts_bwd_kernel(
+        dctx_ptr, sdx_g, sdx_c, sdx_k,
+        dbias_ptr, sdb_g,
+        dout_ptr, sdo_g, sdo_c, sdo_s,
+        slots_ptr, ssl_c, ssl_s,
+        R, S, D, K, GROUPS_PER_PROGRAM,
+        HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """fp32 atomics: dctx[row of slot] += sum_g dout[g, c, s]; dbias[g] += sum over ctx rows of dout[g]."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        g0 = tl.program_id(1).to(tl.int64) * GROUPS_PER_PROGRAM
+        row_ok = rows < R
+        c = rows // S
+        s = rows % S
+        slot = tl.load(slots_ptr + c * ssl_c + s * ssl_s, mask=row_ok, other=-1).to(tl.int64)
+        is_ctx = row_ok & (slot >= 0) & (slot < K)
+        # for "group" ctx one program per group (GROUPS_PER_PROGRAM = 1, sdx_g = its stride), else
+        # one program sums every group in registers (sdx_g = 0)
+        dctx_row = dctx_ptr + g0 * sdx_g + c * sdx_c + slot * sdx_k
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            d_ok = cols < D
+            mask = is_ctx[:, None] & d_ok[None, :]
+            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            for gi in range(0, GROUPS_PER_PROGRAM):
+                g = g0 + gi
+                dy = tl.load(dout_ptr + g * sdo_g + c[:, None] * sdo_c + s[:, None] * sdo_s + cols[None, :],
+                             mask=mask, other=0.0).to(tl.float32)
+                acc += dy
+                if HAS_BIAS:
+                    tl.atomic_add(dbias_ptr + g * sdb_g + cols, tl.sum(dy, axis=0), mask=d_ok)
+            tl.atomic_add(dctx_row[:, None] + cols[None, :], acc, mask=mask)
 
 
 def _check(token_embeds, slots, pos, ctx, bias, ctx_layout):
@@ -71,6 +166,110 @@ def assemble_prompts_ref(
     return out.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# host launchers
+
+
+def _rowwise(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Unit stride along D and no stride-0 dims (then a copy); every other layout passes as is."""
+    if t is None:
+        return None
+    t = no_zero_strides(t)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _num_groups(ctx, bias, ctx_layout) -> int:
+    if ctx is None:
+        return 1
+    if ctx_layout == "group":
+        return ctx.shape[0]
+    return bias.shape[0] if bias is not None else 1
+
+
+def _ctx_strides(t, ctx_layout):
+    """(group, class, row) strides of the context, 0 where its layout lacks the dimension."""
+    if ctx_layout == "shared":
+        return 0, 0, t.stride(0)
+    if ctx_layout == "class":
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), 0, t.stride(1)
+
+
+def _blocks(D: int):
+    return 32, min(128, next_pow2(D, 16))
+
+
+def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
+    C, S, D = token_embeds.shape
+    G = _num_groups(ctx, bias, ctx_layout)
+    R = C * S
+    out = torch.empty((G, C, S, D), dtype=token_embeds.dtype, device=token_embeds.device)
+    has_ctx = ctx is not None
+    has_bias = has_ctx and bias is not None
+    block_r, block_d = _blocks(D)
+    _assemble_prompts_fwd_kernel[(triton.cdiv(R, block_r), G)](
+        out, out.stride(0), out.stride(1), out.stride(2),
+        token_embeds, token_embeds.stride(0), token_embeds.stride(1),
+        slots, slots.stride(0), slots.stride(1),
+        pos, pos.stride(0),
+        ctx if has_ctx else out, *(_ctx_strides(ctx, ctx_layout) if has_ctx else (0, 0, 0)),
+        bias if has_bias else out, bias.stride(0) if has_bias else 0,
+        R, S, D, ctx.shape[-2] if has_ctx else 0,
+        HAS_CTX=has_ctx, HAS_BIAS=has_bias, RTNE_BF16=needs_bf16_rounding(out), BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return out
+
+
+def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
+    G, C, S, D = dout.shape
+    R = C * S
+    dctx = torch.zeros(ctx.shape, dtype=torch.float32, device=dout.device)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=dout.device) if bias is not None else dctx
+    per_group = ctx_layout == "group"
+    sdx_g, sdx_c, sdx_k = _ctx_strides(dctx, ctx_layout)
+    block_r, block_d = _blocks(D)
+    _assemble_prompts_bwd_kernel[(triton.cdiv(R, block_r), G if per_group else 1)](
+        dctx, sdx_g, sdx_c, sdx_k,
+        dbias, dbias.stride(0) if bias is not None else 0,
+        dout, dout.stride(0), dout.stride(1), dout.stride(2),
+        slots, slots.stride(0), slots.stride(1),
+        R, S, D, ctx.shape[-2], 1 if per_group else G,
+        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return dctx.to(ctx.dtype), (dbias.to(bias.dtype) if bias is not None else None)
+
+
+class AssemblePromptsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx_, token_embeds, slots, pos, ctx, bias, ctx_layout):
+        token_embeds, slots, pos, ctx, bias = (_rowwise(t) for t in (token_embeds, slots, pos, ctx, bias))
+        if ctx is None:
+            bias = None  # unused without context, as in the reference
+        out = _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout)
+        ctx_.save_for_backward(slots, ctx, bias)
+        ctx_.ctx_layout = ctx_layout
+        ctx_.meta = (token_embeds.dtype, pos.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx_, dout):
+        slots, ctx, bias = ctx_.saved_tensors
+        need_tok, _, need_pos, need_ctx, need_bias, _ = ctx_.needs_input_grad
+        dout = _rowwise(dout)
+        d_tok = d_pos = d_ctx = d_bias = None
+        if ctx is not None and (need_ctx or need_bias):
+            d_ctx, d_bias = _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_.ctx_layout)
+        if need_tok or need_pos:  # frozen CLIP weights in practice: plain reductions suffice
+            tok_dtype, pos_dtype = ctx_.meta
+            summed = dout.float().sum(0)  # (C, S, D)
+            if need_tok:
+                d_tok = summed if ctx is None else torch.where((slots < 0).unsqueeze(-1), summed, 0.0)
+                d_tok = d_tok.to(tok_dtype)
+            if need_pos:
+                d_pos = summed.sum(0).to(pos_dtype)
+        return d_tok, None, d_pos, d_ctx if need_ctx else None, d_bias if need_bias else None, None
+
+
 def assemble_prompts(
     token_embeds: torch.Tensor,
     slots: torch.Tensor,
@@ -79,5 +278,12 @@ def assemble_prompts(
     bias: Optional[torch.Tensor] = None,
     ctx_layout: str = "shared",
 ) -> torch.Tensor:
-    """Assemble encoder inputs (G, C, S, D) from tokens, context and positions in one pass."""
-    return assemble_prompts_ref(token_embeds, slots, pos, ctx, bias, ctx_layout)
+    """Assemble encoder inputs (G, C, S, D) from tokens, context and positions in one pass.
+
+    Same signature and results as :func:`assemble_prompts_ref`; the fused Triton kernel runs
+    when :func:`use_triton` says so (empty inputs take the reference).
+    """
+    _check(token_embeds, slots, pos, ctx, bias, ctx_layout)
+    if not use_triton(token_embeds, slots, pos, ctx, bias) or token_embeds.numel() == 0:
+        return assemble_prompts_ref(token_embeds, slots, pos, ctx, bias, ctx_layout)
+    return AssemblePromptsFunction.apply(token_embeds, slots, pos, ctx, bias, ctx_layout)
