@@ -1,0 +1,88 @@
+"""Text encoding, naive (official full 77-token prompts) vs promptcore's shared-prefix path.
+
+For CoOp prompts over real ImageNet class names: forward and forward+backward (gradient of the
+context), at several class counts and context lengths. Prints the live-token ratio and the time
+ratio measured in the same run; appends JSON rows to benchmarks/results/text_encoding.jsonl.
+
+    python benchmarks/bench_text_encoding.py                      # CPU default: 10/100/200 classes
+    python benchmarks/bench_text_encoding.py --device cuda --precision fp16 --classes 10 100 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_rows, environment, measure  # noqa: E402
+
+from promptcore import CoOp  # noqa: E402
+from promptcore.models import builtin_classnames, load_model  # noqa: E402
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    model, tokenizer = load_model(args.model, None, device, args.precision)
+    names = builtin_classnames(args.dataset)
+    env = environment(device)
+    rows = []
+    for n_ctx in args.n_ctx:
+        for num_classes in args.classes:
+            coop = CoOp(model, names[:num_classes], tokenizer=tokenizer, n_ctx=n_ctx, seed=0)
+            live_fast, live_naive = coop.prompt_learner.prompts.live_tokens
+            ctx = coop.prompt_learner.ctx
+            for mode in args.modes:
+                timings = {}
+                for path in ("naive", "fast"):
+                    if mode == "fwd":
+                        def fn(path=path):
+                            with torch.no_grad():
+                                return coop.encode_text(path)
+                    else:
+                        def fn(path=path):
+                            feats = coop.encode_text(path)
+                            (grad,) = torch.autograd.grad(feats.float().pow(2).sum(), ctx)
+                            return grad
+                    timings[path] = measure(fn, device, args.repeats, args.warmup)
+                row = {"bench": "text_encoding", "model": args.model, "precision": args.precision,
+                       "dataset": args.dataset, "classes": num_classes, "n_ctx": n_ctx, "mode": mode,
+                       "live_tokens_naive": live_naive, "live_tokens_fast": live_fast,
+                       "token_ratio": live_naive / live_fast,
+                       "naive": timings["naive"], "fast": timings["fast"],
+                       "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env}
+                rows.append(row)
+                print(f"{args.model} {args.precision} n_ctx={n_ctx:2d} classes={num_classes:5d} {mode:7s} "
+                      f"tokens {live_naive}/{live_fast} = {row['token_ratio']:.1f}x  "
+                      f"naive {timings['naive']['median_s'] * 1e3:9.2f} ms  fast {timings['fast']['median_s'] * 1e3:9.2f} ms"
+                      f"  speed-up {row['speedup']:.1f}x", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--dataset", default="imagenet")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="default fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="default 10 100 1000 (GPU), 10 100 200 (CPU)")
+    parser.add_argument("--n-ctx", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 (GPU), 3 (CPU)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.precision = args.precision or ("fp16" if gpu else "fp32")
+    args.classes = args.classes or ([10, 100, 1000] if gpu else [10, 100, 200])
+    args.repeats = args.repeats or (20 if gpu else 3)
+    rows = run(args)
+    if not args.no_save:
+        print(f"rows appended to {append_rows('text_encoding.jsonl', rows)}")
+
+
+if __name__ == "__main__":
+    main()
