@@ -45,6 +45,7 @@ from ._utils import (
 from .backend import use_triton
 
 NORM_EPS = 1e-12  # F.normalize's default eps
+STATS_TILES_PER_STEP = 64  # N tiles combined per step of the entropy/argmax pass (a power of two)
 
 
 class ScoredLogits(NamedTuple):
@@ -302,7 +303,8 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats):
     argmax = torch.empty(B, dtype=torch.int64, device=img.device)
     block_r = 32
     _cosine_logits_stats_kernel[(triton.cdiv(B, block_r),)](
-        entropy, argmax, stats, idx, B, n_tiles_n, BLOCK_R=block_r, BLOCK_T=min(64, next_pow2(n_tiles_n)),
+        entropy, argmax, stats, idx, B, n_tiles_n,
+        BLOCK_R=block_r, BLOCK_T=min(STATS_TILES_PER_STEP, next_pow2(n_tiles_n)),
     )
     return out, img_norm, txt_norm, entropy, argmax
 
