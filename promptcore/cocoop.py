@@ -1,0 +1,248 @@
+"""CoCoOp: conditional context optimization (Zhou et al., 2022), as in KaiyangZhou/CoOp trainers/cocoop.py.
+
+A meta-net maps each image's L2-normalised feature to a bias added to every context token, so
+every image has its own prompts. The official code loops over the images and encodes n_cls full
+77-token prompts per image; promptcore encodes all images of a batch in one pass: the prefix
+(SOS + ctx + bias_b) once per image, each (image, class) suffix — class tokens, '.', EOT — attending
+to its image's prefix (the engine's groups, G = B). Nothing of shape (B, n_cls, 77, D) is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import PromptModule
+from .checkpoints import check_method, official_state_dict
+from .engine import PromptSet
+from .prompts import clean_classnames, context_prompts, init_context
+
+# Saved by the official trainer (embeddings of the training classes) and dropped on load, as officially.
+_FIXED_TOKEN_KEYS = ("token_prefix", "token_suffix")
+
+
+def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
+    """The official meta-net: Linear(vis_dim, vis_dim // 16) -> ReLU -> Linear(vis_dim // 16, ctx_dim).
+
+    Initialised as ``nn.Linear`` does by default (torch's global generator), as officially.
+    """
+    hidden = vis_dim // 16
+    if hidden < 1:
+        raise ValueError(f"the image feature dim {vis_dim} is too small for CoCoOp's meta-net (hidden = dim // 16)")
+    return nn.Sequential(OrderedDict([
+        ("linear1", nn.Linear(vis_dim, hidden)),
+        ("relu", nn.ReLU()),
+        ("linear2", nn.Linear(hidden, ctx_dim)),
+    ]))
+
+
+def image_feature_dim(model: nn.Module, fallback: int) -> int:
+    """The image tower's output dim (official ``clip_model.visual.output_dim``), else ``fallback``."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    return int(dim) if isinstance(dim, int) else int(fallback)
+
+
+def grouped_cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale) -> torch.Tensor:
+    """``logits[b] = exp(logit_scale) * normalize(img[b]) @ normalize(txt[b]).T`` for per-image classes.
+
+    ``image_features`` (B, E), ``text_features`` (B, C, E); returns (B, C) in the image features'
+    dtype, with norms and products in fp32 (as :func:`promptcore.kernels.cosine_logits_ref`).
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(text_features.float(), dim=-1)
+    scale = torch.as_tensor(logit_scale).float().exp()
+    return (scale * torch.einsum("be,bce->bc", img, txt)).to(image_features.dtype)
+
+
+class CoCoOpPromptLearner(nn.Module):
+    """Holds the learned context ``ctx`` (n_ctx, D), the ``meta_net`` and the prompt set of the current
+    class list. State-dict keys (``ctx``, ``meta_net.linear1.*``, ``meta_net.linear2.*``) match the
+    official prompt learner."""
+
+    def __init__(self, ctx: torch.Tensor, meta_net: nn.Sequential):
+        super().__init__()
+        self.ctx = nn.Parameter(ctx)
+        self.meta_net = meta_net
+        self.prompts: Optional[PromptSet] = None
+
+    def image_bias(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The meta-net output (B, D) for raw image features (B, E); the input is L2-normalised first."""
+        weight = self.meta_net.linear1.weight
+        normed = F.normalize(image_features, dim=-1).to(weight.dtype)
+        return self.meta_net(normed)
+
+
+class CoCoOp(PromptModule):
+    """CoCoOp over an open_clip CLIP model.
+
+    ``logits = cocoop(images)`` gives (B, n_cls) scaled cosine logits, each image scored against
+    its own prompts; ``prompt_learner.ctx`` and ``prompt_learner.meta_net`` train (CLIP is frozen).
+    Text features depend on the image, so they are never cached; the class-token embeddings are
+    (computed once per class list, in ``prompt_learner.prompts``).
+
+    Args:
+        model: an open_clip ``CLIP`` / ``CustomTextCLIP`` with a causal text tower (others fall back
+            to the full-prompt path).
+        classnames: class names in label order (``_`` becomes a space, as officially).
+        tokenizer: open_clip tokenizer; the default CLIP BPE tokenizer when None.
+        n_ctx: context length (ignored when ``ctx_init`` is given: its word count wins).
+        ctx_init: init phrase (official default "a photo of a"); random N(0, 0.02) context when None.
+        text_path: "auto" (fast where exact), "fast" or "naive" (the official per-image loop).
+        seed: seeds the context and meta-net init (torch's global generator is left as it was);
+            None draws from the global generator, as officially.
+        freeze: freeze CLIP's parameters (as the official trainer does).
+
+    The meta-net and ``ctx`` take the text tower's dtype (the official trainer halves the
+    meta-net when CLIP runs in fp16); the class token sits at the end, as officially.
+    """
+
+    method = "cocoop"
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 4,
+                 ctx_init: Optional[str] = "a photo of a", text_path: str = "auto", seed: Optional[int] = None,
+                 freeze: bool = True):
+        super().__init__(model, tokenizer, text_path, freeze)
+        clean_classnames(classnames)  # fail on a bad class list before any random draw
+        tower = self.engine.tower
+        vis_dim = image_feature_dim(model, tower.output_dim)
+        # With a seed, draw ctx then the meta-net (the official order) from a seeded global generator
+        # inside fork_rng, so the caller's random state is untouched.
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            ctx, n_ctx, phrase = init_context(tower, self.tokenizer, ctx_init, n_ctx)
+            meta_net = build_meta_net(vis_dim, tower.width)
+        meta_net.to(device=tower.device, dtype=tower.dtype)
+        self.n_ctx, self.ctx_init = n_ctx, ctx_init
+        self.vis_dim = vis_dim
+        self.prompt_prefix = phrase
+        self.prompt_learner = CoCoOpPromptLearner(ctx, meta_net)
+        self.set_classnames(classnames)
+        self._finish_init()
+
+    def options(self) -> Dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init}
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Swap the class list (base-to-new evaluation); the learned ctx and meta-net are kept."""
+        names = clean_classnames(classnames)
+        tower = self.engine.tower
+        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
+                                "end", raw_names=list(classnames))
+        prompts = PromptSet(tower, built.ids, built.slots, "shared")
+        self.prompt_learner.prompts = prompts
+        self.classnames = list(classnames)
+        self.name_lens = built.name_lens
+        self._classes_version += 1
+        self.clear_cache()
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
+        return self.prompt_learner.prompts.ids
+
+    # -- text side ----------------------------------------------------------------------------
+
+    def text_features(self) -> torch.Tensor:
+        raise TypeError("CoCoOp's text features depend on the image: use encode_text(image_features) "
+                        "or logits_from_features(image_features)")
+
+    def _compute_text_features(self) -> torch.Tensor:
+        return self.text_features()
+
+    def _path(self, path: Optional[str]) -> str:
+        return self.engine.resolve_path(self.text_path if path is None else path)
+
+    def encode_text(self, image_features: torch.Tensor, path: Optional[str] = None,
+                    max_images: Optional[int] = None) -> torch.Tensor:
+        """Text features (B, n_cls, E) of each image's prompts, for image features (B, E).
+
+        ``path``: "fast" (one shared-prefix pass for the batch), "naive" (the official loop: n_cls
+        full prompts per image), "auto" or None (the module's ``text_path``). ``max_images`` bounds
+        the fast path's activations (about B * n_cls * suffix_len * width per layer) by encoding
+        that many images per pass; None encodes the whole batch in one pass.
+        """
+        image_features = self._check_features(image_features)
+        if self._path(path) == "naive":
+            return torch.stack([self._encode_one_naive(image_features[i]) for i in range(len(image_features))])
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
+        step = max_images or len(image_features)
+        chunks = [self._encode_fast(image_features[i:i + step]) for i in range(0, len(image_features), step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def _encode_fast(self, image_features: torch.Tensor) -> torch.Tensor:
+        learner = self.prompt_learner
+        bias = learner.image_bias(image_features)  # (B, D): one prefix group per image
+        return self.engine.encode(learner.prompts, learner.ctx, bias, path="fast")
+
+    def _encode_one_naive(self, image_feature: torch.Tensor) -> torch.Tensor:
+        """n_cls full prompts with ctx + bias of one image, as the official prompt learner builds them."""
+        learner = self.prompt_learner
+        ctx_shifted = learner.ctx + learner.image_bias(image_feature[None])  # (n_ctx, D), in the model dtype
+        return self.engine.encode(learner.prompts, ctx_shifted, path="naive")[0]
+
+    def _check_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image_features, torch.Tensor) or image_features.dim() != 2 \
+                or image_features.shape[1] != self.vis_dim:
+            shape = tuple(image_features.shape) if isinstance(image_features, torch.Tensor) else type(image_features)
+            raise ValueError(f"image features must be (B, {self.vis_dim}), got {shape}")
+        if len(image_features) == 0:
+            raise ValueError("image features hold no images (B = 0)")
+        return image_features
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def logits_from_features(self, image_features: torch.Tensor, path: Optional[str] = None,
+                             max_images: Optional[int] = None) -> torch.Tensor:
+        """Logits (B, n_cls) of image features (B, E) against their own prompts (see :meth:`encode_text`)."""
+        image_features = self._check_features(image_features)
+        scale = self.model.logit_scale
+        if self._path(path) == "naive":  # the official loop: encode and score one image at a time
+            rows = [self.logits(image_features[i:i + 1], self._encode_one_naive(image_features[i]))[0]
+                    for i in range(len(image_features))]
+            return torch.stack(rows)
+        return grouped_cosine_logits(image_features, self.encode_text(image_features, path, max_images), scale)
+
+    def forward(self, images: torch.Tensor, text_path: Optional[str] = None,
+                max_images: Optional[int] = None) -> torch.Tensor:
+        """Logits (B, n_cls) for images (B, 3, H, W); ``text_path`` overrides the module's for this call."""
+        image_features = self.encode_images(images)
+        return self.logits_from_features(image_features, text_path, max_images)
+
+    # -- official checkpoints -----------------------------------------------------------------
+
+    def load_official(self, path) -> Dict[str, Any]:
+        """Load a KaiyangZhou/CoOp CoCoOp checkpoint (``prompt_learner/model.pth.tar-N`` or its folder).
+
+        Reads ``ctx`` and ``meta_net.*``; the saved ``token_prefix``/``token_suffix`` (embeddings of
+        the training classes) are dropped, as the official ``load_model`` does. CoOp or MaPLe files
+        and shape mismatches raise :class:`CheckpointError` and change nothing. Returns the file's
+        epoch and path.
+        """
+        state, file, info = official_state_dict(path)
+        check_method(state, "cocoop", file)
+        learned = {k: v for k, v in state.items() if k not in _FIXED_TOKEN_KEYS}
+        self._load_learner_state(learned, file)
+        return {"file": str(file), "epoch": info.get("epoch")}
+
+    def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
+        def describe(shape):
+            if key == "ctx" and len(shape) == 2:
+                return f"n_ctx={shape[0]}, width={shape[1]}"
+            if key == "ctx" and len(shape) == 3:
+                return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
+            if key == "meta_net.linear1.weight" and len(shape) == 2:
+                return f"image feature dim {shape[1]} -> hidden {shape[0]}"
+            if key == "meta_net.linear2.weight" and len(shape) == 2:
+                return f"hidden {shape[1]} -> width {shape[0]}"
+            return f"shape {shape}"
+        what = "ctx" if key == "ctx" else f"meta-net {key}"
+        return f"{source}: checkpoint {what} is {describe(got)}, this CoCoOp has {describe(want)}"
