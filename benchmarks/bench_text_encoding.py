@@ -56,7 +56,8 @@ def run(args) -> list:
                 rows.append(row)
                 print(f"{args.model} {args.precision} n_ctx={n_ctx:2d} classes={num_classes:5d} {mode:7s} "
                       f"tokens {live_naive}/{live_fast} = {row['token_ratio']:.1f}x  "
-                      f"naive {timings['naive']['median_s'] * 1e3:9.2f} ms  fast {timings['fast']['median_s'] * 1e3:9.2f} ms"
+                      f"naive {timings['naive']['median_s'] * 1e3:9.2f} ms  "
+                      f"fast {timings['fast']['median_s'] * 1e3:9.2f} ms"
                       f"  speed-up {row['speedup']:.1f}x", flush=True)
     return rows
 
@@ -68,7 +69,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                         help="default fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, help="default 10 100 1000 (GPU), 10 100 200 (CPU)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="default 10 100 1000 (GPU), 10 100 200 (CPU)")
     parser.add_argument("--n-ctx", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (GPU), 3 (CPU)")

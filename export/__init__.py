@@ -1,1 +1,6 @@
-"""promptcore.export: ONNX export of frozen prompts (see the export issue; not built yet)."""
+"""promptcore.export: frozen prompts to ONNX, verified in onnxruntime, and serving layouts."""
+
+from .graphs import ExportError, build_graph
+from .onnx_export import ExportReport, read_metadata, to_onnx
+
+__all__ = ["ExportError", "ExportReport", "build_graph", "read_metadata", "to_onnx"]

@@ -1,0 +1,87 @@
+"""The graphs promptcore exports: images -> logits (and, on request, normalised image features).
+
+* CoOp and MaPLe: the image encoder (MaPLe's with its visual prompts) and cosine scoring against
+  a baked, L2-normalised class matrix; the text side is folded into that constant.
+* CoCoOp: the text side stays in the graph (it depends on each image through the meta-net),
+  prefix-shared and EOT-truncated, with the EOT positions as constants.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXPORTABLE = ("coop", "cocoop", "maple")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """The module or its options cannot be exported."""
+
+
+def check_exportable(module: nn.Module) -> str:
+    """The method name of an exportable promptcore module, or a clear error."""
+    method = getattr(module, "method", None)
+    if method == "tpt":
+        raise ExportError("TPT tunes a context per test image and has nothing frozen to export; export the "
+                          "CoOp/CoCoOp prompts it starts from, or a CoOp module holding one tuned context")
+    if method not in EXPORTABLE:
+        raise ExportError(f"cannot export {type(module).__name__}: only promptcore CoOp, CoCoOp and MaPLe modules "
+                          f"export (method {method!r})")
+    return method
+
+
+class ClassMatrixGraph(nn.Module):
+    """Image encoder + cosine scoring against a constant, normalised class matrix (CoOp, MaPLe)."""
+
+    def __init__(self, module: nn.Module, text_features: torch.Tensor, with_features: bool):
+        super().__init__()
+        self.module = module
+        self.register_buffer("class_matrix", F.normalize(text_features.float(), dim=-1))
+        self.register_buffer("scale", module.model.logit_scale.detach().float().exp())
+        self.with_features = with_features
+
+    def forward(self, images: torch.Tensor):
+        feats = self.module.encode_images(images)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = self.scale * (feats @ self.class_matrix.t())
+        return (logits, feats) if self.with_features else logits
+
+
+class ImageConditionedGraph(nn.Module):
+    """The whole method forward, text side included (CoCoOp)."""
+
+    def __init__(self, module: nn.Module, with_features: bool):
+        super().__init__()
+        self.module = module
+        self.with_features = with_features
+
+    def forward(self, images: torch.Tensor):
+        feats = self.module.encode_images(images)
+        logits = self.module.logits_from_image_features(feats)
+        if not self.with_features:
+            return logits
+        return logits, feats / feats.norm(dim=-1, keepdim=True)
+
+
+def build_graph(module: nn.Module, dtype: str = "fp32", with_features: bool = False) -> nn.Module:
+    """An eval-mode copy of ``module`` in ``dtype``, wrapped as the graph to export."""
+    method = check_exportable(module)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    was_training = module.training
+    if method != "cocoop":
+        module.eval()
+        with torch.no_grad():  # the constant class matrix, in the module's own precision
+            text = module.text_features().detach().clone()
+        module.train(was_training)
+    work = copy.deepcopy(module).eval()
+    work.to(DTYPES[dtype])
+    work.clear_cache()
+    if method == "cocoop":
+        return ImageConditionedGraph(work, with_features).eval()
+    # One dtype through the whole graph: onnxruntime's CPU optimiser has crashed on mixed fp16/fp32 graphs.
+    return ClassMatrixGraph(work, text, with_features).to(DTYPES[dtype]).eval()

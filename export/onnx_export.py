@@ -1,0 +1,240 @@
+"""Export a promptcore module to ONNX, verified in onnxruntime before it is reported as written.
+
+The export runs torch.onnx's dynamo exporter with a dynamic batch axis; Triton kernels are never
+traced (the backend switch picks the PyTorch references during export, and ``to_onnx`` forces
+them). Files are written to a temporary name beside the target and moved into place only after
+``onnx.checker`` and the onnxruntime comparison pass: on any failure no file is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .graphs import DTYPES, ExportError, build_graph, check_exportable
+
+TWO_GB = 2 * 1024**3
+METADATA_PREFIX = "promptcore."
+
+
+@dataclass
+class ExportReport:
+    """What was written and how onnxruntime compared with PyTorch on the same inputs."""
+
+    path: str
+    method: str
+    dtype: str
+    num_classes: int
+    image_size: int
+    outputs: List[str]
+    external_data: bool
+    batch_sizes: List[int]
+    max_abs_diff: float
+    max_abs_logit: float
+    top1_agreement: float
+    torch_ms: float
+    onnxruntime_ms: float
+    files: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"wrote {self.path} ({self.method}, {self.dtype}, {self.num_classes} classes, "
+                f"{self.image_size}px): onnxruntime vs PyTorch max |diff| {self.max_abs_diff:.2e} "
+                f"(max |logit| {self.max_abs_logit:.2f}), top-1 agreement {self.top1_agreement * 100:.1f}% "
+                f"over batches {self.batch_sizes}; batch {self.batch_sizes[-1]}: PyTorch {self.torch_ms:.1f} ms, "
+                f"onnxruntime {self.onnxruntime_ms:.1f} ms")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def torch_backend():
+    """Force the PyTorch reference ops (Triton kernels are never exported)."""
+    old = os.environ.get("PROMPTCORE_BACKEND")
+    os.environ["PROMPTCORE_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PROMPTCORE_BACKEND", None)
+        else:
+            os.environ["PROMPTCORE_BACKEND"] = old
+
+
+def _image_size(module: nn.Module, image_size: Optional[int]) -> int:
+    size = getattr(module.model.visual, "image_size", None)
+    native = size if isinstance(size, int) or size is None else size[0]
+    if image_size is None:
+        if native is None:
+            raise ExportError("the model does not say its image size; pass image_size")
+        return int(native)
+    if native is not None and int(image_size) != int(native):
+        raise ExportError(f"image_size {image_size} differs from the model's {native}")
+    return int(image_size)
+
+
+def metadata_for(module: nn.Module, dtype: str, image_size: int, outputs: Sequence[str],
+                 extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The metadata_props promptcore writes into an exported model."""
+    import promptcore
+
+    meta = {
+        "method": module.method,
+        "classnames": json.dumps(list(module.classnames)),
+        "options": json.dumps(module.options(), sort_keys=True),
+        "model_name": module.model_name or "",
+        "dtype": dtype,
+        "image_size": str(image_size),
+        "outputs": json.dumps(list(outputs)),
+        "version": promptcore.__version__,
+    }
+    meta.update(extra or {})
+    return {METADATA_PREFIX + k: v for k, v in meta.items()}
+
+
+def read_metadata(path) -> Dict[str, object]:
+    """promptcore's metadata of an exported model (JSON fields decoded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    raw = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+    if "method" not in raw:
+        raise ExportError(f"{path} was not written by promptcore (no promptcore metadata)")
+    out: Dict[str, object] = dict(raw)
+    for key in ("classnames", "options", "outputs"):
+        if key in raw:
+            out[key] = json.loads(raw[key])
+    return out
+
+
+def _sample_images(batch: int, size: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=gen).to(dtype)
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str,
+                             batch_sizes: Sequence[int] = (1, 3), seed: int = 0, timing: bool = True) -> dict:
+    """Run the ONNX file in onnxruntime and ``graph`` in PyTorch on the same images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    device = next(graph.parameters()).device
+    max_diff, max_logit, agree, total = 0.0, 0.0, 0, 0
+    images = None
+    for i, batch in enumerate(batch_sizes):
+        images = _sample_images(batch, image_size, DTYPES[dtype], seed + i)
+        with torch.no_grad(), torch_backend():
+            expected = graph(images.to(device))
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        got = session.run(None, {input_name: images.numpy()})[0]
+        ref = expected.float().cpu().numpy()
+        got = got.astype(np.float32)
+        if got.shape != ref.shape:
+            raise ExportError(f"onnxruntime returned logits of shape {got.shape}, PyTorch {ref.shape}")
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += batch
+    result = {"max_abs_diff": max_diff, "max_abs_logit": max_logit, "top1_agreement": agree / total,
+              "torch_ms": float("nan"), "onnxruntime_ms": float("nan")}
+    if timing and images is not None:
+        feed = {input_name: images.numpy()}
+        with torch.no_grad(), torch_backend():
+            result["torch_ms"] = _median_ms(lambda: graph(images.to(device)))
+        result["onnxruntime_ms"] = _median_ms(lambda: session.run(None, feed))
+    return result
+
+
+def tolerance(dtype: str, max_abs_logit: float) -> float:
+    """Allowed max |ONNX - PyTorch| on the logits, relative to their size."""
+    rel = 1e-3 if dtype == "fp32" else 2e-2
+    return rel * max(1.0, max_abs_logit)
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: str = "fp32",
+            with_features: bool = False, batch_sizes: Sequence[int] = (1, 3), opset: Optional[int] = None,
+            extra_metadata: Optional[Dict[str, str]] = None, progress=None) -> ExportReport:
+    """Export ``module`` (CoOp, CoCoOp or MaPLe) to ``path`` and verify it in onnxruntime.
+
+    The graph maps ``images`` (batch, 3, H, W) to ``logits`` (batch, n_cls), plus normalised
+    ``image_features`` with ``with_features``. ``dtype`` is "fp32" or "fp16" (inputs, weights and
+    outputs). Models over 2 GB are saved with external data beside ``path``. Returns the report;
+    raises :class:`ExportError` (leaving no file) when the check or the comparison fails.
+    """
+    import onnx
+
+    step = progress or (lambda msg: None)
+    method = check_exportable(module)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"the output file must end in .onnx, got {path.name}")
+    if not path.parent.is_dir():
+        raise ExportError(f"folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"folder {path.parent} is not writable")
+    size = _image_size(module, image_size)
+    outputs = ["logits", "image_features"] if with_features else ["logits"]
+
+    step("building the export graph")
+    graph = build_graph(module, dtype, with_features)
+    external = _param_bytes(graph) > TWO_GB * 0.95
+    images = _sample_images(2, size, DTYPES[dtype], 0).to(next(graph.parameters()).device)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        step("exporting with torch.onnx (dynamo)")
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        with torch.no_grad(), torch_backend():
+            program = torch.onnx.export(graph, (images,), dynamo=True, input_names=["images"], output_names=outputs,
+                                        dynamic_shapes={"images": {0: batch}}, opset_version=opset,
+                                        external_data=external, report=False, verbose=False)
+        for key, value in metadata_for(module, dtype, size, outputs, extra_metadata).items():
+            program.model.metadata_props[key] = value
+        tmp_model = tmpdir / path.name
+        program.save(str(tmp_model), external_data=external)
+        step("checking the graph (onnx.checker)")
+        onnx.checker.check_model(str(tmp_model), full_check=False)
+        step("comparing onnxruntime with PyTorch")
+        result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes)
+        allowed = tolerance(dtype, result["max_abs_logit"])
+        if not result["max_abs_diff"] <= allowed:
+            raise ExportError(f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > "
+                              f"{allowed:.3e}")
+        files = []
+        for produced in sorted(tmpdir.iterdir()):
+            target = path.parent / produced.name
+            os.replace(produced, target)
+            files.append(str(target))
+    finally:
+        for leftover in tmpdir.glob("*"):
+            leftover.unlink()
+        tmpdir.rmdir()
+    return ExportReport(path=str(path), method=method, dtype=dtype, num_classes=len(module.classnames),
+                        image_size=size, outputs=outputs, external_data=external, batch_sizes=list(batch_sizes),
+                        files=files, **result)
