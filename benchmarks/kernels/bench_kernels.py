@@ -1,0 +1,360 @@
+"""Microbenchmarks of the three fused ops against eager PyTorch and torch.compile.
+
+Providers, side by side in one run:
+  triton   promptcore's fused Triton kernel (the public op with PROMPTCORE_BACKEND=triton)
+  torch    the PyTorch reference ``*_ref`` in eager mode
+  compile  ``torch.compile`` of the same reference
+  sdpa     (attention only) ``F.scaled_dot_product_attention`` on materialised K/V: the prefix
+           expanded over classes and concatenated before each class's suffix, causal mask built
+           accordingly (the cost of not sharing the prefix)
+
+For each (kernel, shape, mode in fwd / bwd / fwd+bwd, provider): median, p20, p80 time (CUDA
+events), GB/s and TFLOP/s from explicit byte / FLOP counts, their fraction of the peak measured
+in the same run (a large device-to-device copy; a large fp16 matmul), and peak memory. Rows are
+appended to benchmarks/results/kernels.jsonl (GPU name, torch/triton versions, git sha);
+``--plot`` draws benchmarks/results/kernels_<kernel>.png when matplotlib is installed.
+
+    python benchmarks/kernels/bench_kernels.py                    # GPU: all kernels, full shapes
+    python benchmarks/kernels/bench_kernels.py --kernel attention --modes fwd --plot
+    python benchmarks/kernels/bench_kernels.py --smoke            # CPU or GPU: tiny shapes, seconds
+
+Times on CPU mean nothing for the Triton kernels (they run in the interpreter): on CPU the script
+refuses to run unless ``--smoke`` (tiny shapes, torch providers only, printed, not appended) or
+``--allow-cpu`` (everything, rows marked ``interpreter``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, environment, measure  # noqa: E402
+
+KERNELS = ("cosine", "attention", "assembly")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+
+
+def cosine_shapes(smoke: bool):
+    if smoke:
+        return [dict(B=8, N=50, E=32)]
+    return [dict(B=B, N=N, E=E) for E in (512, 768) for N in (1000, 21000) for B in (256, 1024, 4096)]
+
+
+def attention_shapes(smoke: bool):
+    if smoke:
+        return [dict(G=1, C=6, S=5, H=2, d=16, P=3), dict(G=2, C=3, S=5, H=2, d=16, P=3)]
+    return [dict(G=1, C=1000, S=8, H=8, d=64, P=17),  # CoOp: one shared prefix
+            dict(G=100, C=1000, S=8, H=8, d=64, P=17)]  # CoCoOp-like: a prefix per image
+
+
+def assembly_shapes(smoke: bool):
+    if smoke:
+        return [dict(C=10, S=12, D=32, K=4, G=1), dict(C=10, S=12, D=32, K=4, G=3)]
+    return [dict(C=C, S=S, D=512, K=16, G=G) for C, S, G in ((1000, 77, 1), (21000, 20, 1), (1000, 20, 32))]
+
+
+# ----------------------------------------------------------------------------------------------
+# problems: inputs, the op per provider, byte and FLOP counts
+
+
+def _leaf(t, grad):
+    return t.detach().requires_grad_(grad)
+
+
+def cosine_problem(shape, dtype, device, grad):
+    from promptcore.kernels import cosine_logits, cosine_logits_ref
+
+    B, N, E = shape["B"], shape["N"], shape["E"]
+    img = _leaf(torch.randn(B, E, device=device, dtype=dtype), grad)
+    txt = _leaf(torch.randn(N, E, device=device, dtype=dtype), grad)
+    scale = torch.tensor(math.log(100.0), device=device)
+    elt = img.element_size()
+    fwd_bytes = (B * E + N * E) * elt + B * N * elt
+    fwd_flops = 2 * B * N * E
+    # backward: two products with the (B, N) logit grad, read twice, plus features in and out
+    bwd_bytes = 2 * B * N * elt + 2 * (B * E + N * E) * elt
+    ops = {
+        "triton": lambda: cosine_logits(img, txt, scale),
+        "torch": lambda: cosine_logits_ref(img, txt, scale),
+        "compile": ("compile", lambda a, b, s: cosine_logits_ref(a, b, s), (img, txt, scale)),
+    }
+    return ops, [img, txt], dict(fwd_bytes=fwd_bytes, fwd_flops=fwd_flops, bwd_bytes=bwd_bytes,
+                                 bwd_flops=2 * fwd_flops)
+
+
+def _materialised_sdpa(q, k, v, k_prefix, v_prefix, lens):
+    """Prefix expanded over classes and concatenated before each suffix; causal mask over the suffix."""
+    G, C, S, H, d = q.shape
+    P = k_prefix.shape[1]
+
+    def full(prefix, suffix):
+        return torch.cat([prefix[:, None].expand(G, C, P, H, d), suffix], dim=2).reshape(G * C, P + S, H, d)
+
+    kf = full(k_prefix, k).transpose(1, 2)
+    vf = full(v_prefix, v).transpose(1, 2)
+    qf = q.reshape(G * C, S, H, d).transpose(1, 2)
+    allowed = torch.ones(S, P + S, dtype=torch.bool, device=q.device)
+    allowed[:, P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=allowed).transpose(1, 2).reshape(G, C, S, H, d)
+    live = torch.arange(S, device=q.device)[None, :] < lens[:, None]
+    return out * live[None, :, :, None, None]
+
+
+def attention_problem(shape, dtype, device, grad):
+    from promptcore.kernels import prefix_attention, prefix_attention_ref
+
+    G, C, S, H, d, P = (shape[k] for k in ("G", "C", "S", "H", "d", "P"))
+    qkv = torch.randn(G, C, S, 3, H, d, device=device, dtype=dtype)
+    q, k, v = (_leaf(t, grad) for t in qkv.unbind(3))  # strided views, as a fused projection makes them
+    kp = _leaf(torch.randn(G, P, H, d, device=device, dtype=dtype), grad)
+    vp = _leaf(torch.randn(G, P, H, d, device=device, dtype=dtype), grad)
+    lens = torch.randint(max(1, S - 3), S + 1, (C,), device=device)
+    elt = q.element_size()
+    suffix = G * C * S * H * d * elt
+    prefix = G * P * H * d * elt
+    keys_per_row = P + (S + 1) / 2  # causal: the useful scores only
+    fwd_flops = 4 * G * C * S * H * d * keys_per_row
+    args = (q, k, v, kp, vp, lens)
+    ops = {
+        "triton": lambda: prefix_attention(*args),
+        "torch": lambda: prefix_attention_ref(*args),
+        "compile": ("compile", lambda *a: prefix_attention_ref(*a), args),
+        "sdpa": lambda: _materialised_sdpa(*args),
+    }
+    return ops, [q, k, v, kp, vp], dict(fwd_bytes=4 * suffix + 2 * prefix, fwd_flops=fwd_flops,
+                                        bwd_bytes=8 * suffix + 4 * prefix, bwd_flops=2.5 * fwd_flops)
+
+
+def assembly_problem(shape, dtype, device, grad):
+    from promptcore.kernels import assemble_prompts, assemble_prompts_ref
+
+    C, S, D, K, G = (shape[k] for k in ("C", "S", "D", "K", "G"))
+    tok = torch.randn(C, S, D, device=device, dtype=dtype)
+    pos = torch.randn(S, D, device=device, dtype=dtype)
+    ctx = _leaf(torch.randn(K, D, device=device), grad)  # fp32 learned context, shared (CoOp)
+    bias = _leaf(torch.randn(G, D, device=device), grad) if G > 1 else None  # CoCoOp's meta-net bias
+    slots = torch.full((C, S), -1, dtype=torch.long, device=device)
+    slots[:, 1:1 + K] = torch.arange(K, device=device)
+    elt = tok.element_size()
+    ctx_rows = C * K
+    fwd_bytes = (C * S - ctx_rows) * D * elt + S * D * elt + ctx_rows * D * 4 + G * C * S * D * elt
+    args = (tok, slots, pos, ctx, bias, "shared")
+    ops = {
+        "triton": lambda: assemble_prompts(*args),
+        "torch": lambda: assemble_prompts_ref(*args),
+        "compile": ("compile", lambda *a: assemble_prompts_ref(*a), args),
+    }
+    bwd_bytes = G * ctx_rows * D * elt + ctx_rows * D * 4  # reads the grad of context rows only
+    return ops, [ctx] + ([bias] if bias is not None else []), dict(fwd_bytes=fwd_bytes, fwd_flops=G * C * S * D,
+                                                                   bwd_bytes=bwd_bytes, bwd_flops=G * ctx_rows * D)
+
+
+PROBLEMS = {"cosine": (cosine_problem, cosine_shapes), "attention": (attention_problem, attention_shapes),
+            "assembly": (assembly_problem, assembly_shapes)}
+
+
+# ----------------------------------------------------------------------------------------------
+# peaks measured in this run
+
+
+def measure_peaks(device, smoke: bool) -> dict:
+    n_bytes = (1 << 20) if smoke else (1 << 30)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, repeats=5 if smoke else 20, warmup=2)
+    n = 256 if smoke else 8192
+    mm_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    mm = measure(lambda: a @ b, device, repeats=5 if smoke else 20, warmup=2)
+    return {"peak_gbps": 2 * n_bytes / copy["median_s"] / 1e9, "peak_tflops": 2 * n**3 / mm["median_s"] / 1e12,
+            "peak_matmul_dtype": str(mm_dtype).replace("torch.", "")}
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def _call(op, compiled_cache, key):
+    if isinstance(op, tuple):  # ("compile", fn, args): compile once per problem
+        _, fn, args = op
+        if key not in compiled_cache:
+            compiled_cache[key] = torch.compile(fn)
+        return compiled_cache[key](*args)
+    return op()
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench_one(kernel, shape, dtype, mode, provider, device, repeats, peaks):
+    make, _ = PROBLEMS[kernel]
+    grad = mode != "fwd"
+    ops, leaves, counts = make(shape, dtype, device, grad)
+    if provider not in ops:
+        return None
+    op = ops[provider]
+    os.environ["PROMPTCORE_BACKEND"] = "triton" if provider == "triton" else "torch"
+    cache = {}
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return _call(op, cache, provider)
+        n_bytes, n_flops = counts["fwd_bytes"], counts["fwd_flops"]
+    else:
+        out = _first(_call(op, cache, provider))
+        dout = torch.randn_like(out)
+        if mode == "bwd":
+            def fn():
+                for t in leaves:
+                    t.grad = None
+                out.backward(dout, retain_graph=True)
+            n_bytes, n_flops = counts["bwd_bytes"], counts["bwd_flops"]
+        else:
+            def fn():
+                for t in leaves:
+                    t.grad = None
+                _first(_call(op, cache, provider)).backward(dout)
+            n_bytes = counts["fwd_bytes"] + counts["bwd_bytes"]
+            n_flops = counts["fwd_flops"] + counts["bwd_flops"]
+    stats = measure(fn, device, repeats=repeats, warmup=3 if device.type == "cuda" else 1)
+    gbps = n_bytes / stats["median_s"] / 1e9
+    tflops = n_flops / stats["median_s"] / 1e12
+    return {
+        "kernel": kernel, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+        "provider": provider, "median_ms": stats["median_s"] * 1e3, "p20_ms": stats["p20_s"] * 1e3,
+        "p80_ms": stats["p80_s"] * 1e3, "bytes": n_bytes, "flops": n_flops, "gbps": gbps, "tflops": tflops,
+        "frac_peak_bw": gbps / peaks["peak_gbps"], "frac_peak_flops": tflops / peaks["peak_tflops"],
+        "peak_mem_bytes": stats.get("peak_mem_bytes"),
+    }
+
+
+def plot(rows, out_dir: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed, skipping the plots")
+        return
+    for kernel in sorted({r["kernel"] for r in rows}):
+        sel = [r for r in rows if r["kernel"] == kernel]
+        modes = sorted({r["mode"] for r in sel}, key=MODES.index)
+        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            shapes = [s for s in dict.fromkeys(str(r["shape"]) for r in sel if r["mode"] == mode)]
+            for provider in dict.fromkeys(r["provider"] for r in sel):
+                pts = {str(r["shape"]): r for r in sel if r["mode"] == mode and r["provider"] == provider}
+                xs = [i for i, s in enumerate(shapes) if s in pts]
+                ax.errorbar(xs, [pts[shapes[i]]["median_ms"] for i in xs],
+                            yerr=[[pts[shapes[i]]["median_ms"] - pts[shapes[i]]["p20_ms"] for i in xs],
+                                  [pts[shapes[i]]["p80_ms"] - pts[shapes[i]]["median_ms"] for i in xs]],
+                            marker="o", capsize=3, label=provider)
+            ax.set_xticks(range(len(shapes)), [s.replace("'", "") for s in shapes], rotation=30, ha="right",
+                          fontsize=6)
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (median, p20-p80)")
+            ax.set_title(f"{kernel} {mode}")
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"kernels_{kernel}.png"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        print("wrote", path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="subset of triton, torch, compile, sdpa (default: all that apply)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp16")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, torch providers on CPU, rows printed only")
+    p.add_argument("--allow-cpu", action="store_true", help="run on CPU anyway (Triton in the interpreter)")
+    p.add_argument("--out", type=Path, default=None, help="JSON lines file (default results/kernels.jsonl)")
+    p.add_argument("--plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    providers = args.providers or ["triton", "torch", "compile", "sdpa"]
+    interpreted = False
+    if device.type == "cpu":
+        if args.allow_cpu:
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before promptcore.kernels is imported
+            interpreted = os.environ["TRITON_INTERPRET"] == "1"
+            print("warning: CPU run; Triton kernels run in the interpreter, their times mean nothing")
+        elif args.smoke:
+            torch.set_num_threads(1)  # tiny ops: spinning OpenMP workers only add noise on a busy CPU
+            if args.providers is None:
+                providers = ["torch", "sdpa"]  # torch.compile takes far longer than a smoke test on CPU
+            providers = [p for p in providers if p != "triton"]
+        else:
+            print("no CUDA device: kernel timings need a GPU. Use --smoke for a quick CPU check of the "
+                  "torch providers, or --allow-cpu to run everything (Triton interpreted, times meaningless).",
+                  file=sys.stderr)
+            return 2
+    dtype = DTYPES[args.dtype]
+    repeats = args.repeats or (3 if args.smoke else 50)
+    out_path = args.out if args.out is not None else (None if args.smoke else RESULTS / "kernels.jsonl")
+    env = environment(device)
+    peaks = measure_peaks(device, args.smoke)
+    print(f"peaks measured in this run: {peaks['peak_gbps']:.1f} GB/s (copy), "
+          f"{peaks['peak_tflops']:.2f} TFLOP/s ({peaks['peak_matmul_dtype']} matmul)")
+    rows = []
+    t0 = time.time()
+    for kernel in args.kernel:
+        _, shapes = PROBLEMS[kernel]
+        for shape in shapes(args.smoke):
+            for mode in args.modes:
+                for provider in providers:
+                    try:
+                        row = bench_one(kernel, shape, dtype, mode, provider, device, repeats, peaks)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        row = {"kernel": kernel, "shape": shape, "mode": mode, "provider": provider, "error": "OOM"}
+                        print(f"{kernel:9s} {mode:7s} {provider:8s} {shape}: out of memory")
+                    if row is None:
+                        continue
+                    row.update(env, **peaks, smoke=args.smoke, interpreter=interpreted)
+                    rows.append(row)
+                    if "error" not in row:
+                        print(f"{kernel:9s} {mode:7s} {provider:8s} {row['median_ms']:9.3f} ms "
+                              f"[{row['p20_ms']:.3f}, {row['p80_ms']:.3f}]  {row['gbps']:8.1f} GB/s "
+                              f"({100 * row['frac_peak_bw']:5.1f}%)  {row['tflops']:7.2f} TFLOP/s "
+                              f"({100 * row['frac_peak_flops']:5.1f}%)  {shape}")
+    print(f"{len(rows)} rows in {time.time() - t0:.1f} s")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        print("appended", len(rows), "rows to", out_path)
+    if args.plot:
+        plot([r for r in rows if "error" not in r], RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
