@@ -152,7 +152,7 @@ class CoCoOp(PromptModule):
 
     def text_features(self) -> torch.Tensor:
         raise TypeError("CoCoOp's text features depend on the image: use encode_text(image_features) "
-                        "or logits_from_features(image_features)")
+                        "or logits_from_image_features(image_features)")
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.text_features()
@@ -172,11 +172,13 @@ class CoCoOp(PromptModule):
         image_features = self._check_features(image_features)
         if self._path(path) == "naive":
             return torch.stack([self._encode_one_naive(image_features[i]) for i in range(len(image_features))])
-        if max_images is not None and max_images < 1:
+        if max_images is None:  # no slicing: keeps the batch axis symbolic under ONNX export
+            return self._encode_fast(image_features)
+        if max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
-        step = max_images or len(image_features)
-        chunks = [self._encode_fast(image_features[i:i + step]) for i in range(0, len(image_features), step)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        chunks = [self._encode_fast(image_features[i:i + max_images])
+                  for i in range(0, len(image_features), max_images)]
+        return torch.cat(chunks)
 
     def _encode_fast(self, image_features: torch.Tensor) -> torch.Tensor:
         learner = self.prompt_learner
@@ -200,7 +202,7 @@ class CoCoOp(PromptModule):
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def logits_from_features(self, image_features: torch.Tensor, path: Optional[str] = None,
+    def logits_from_image_features(self, image_features: torch.Tensor, path: Optional[str] = None,
                              max_images: Optional[int] = None) -> torch.Tensor:
         """Logits (B, n_cls) of image features (B, E) against their own prompts (see :meth:`encode_text`)."""
         image_features = self._check_features(image_features)
@@ -215,7 +217,7 @@ class CoCoOp(PromptModule):
                 max_images: Optional[int] = None) -> torch.Tensor:
         """Logits (B, n_cls) for images (B, 3, H, W); ``text_path`` overrides the module's for this call."""
         image_features = self.encode_images(images)
-        return self.logits_from_features(image_features, text_path, max_images)
+        return self.logits_from_image_features(image_features, text_path, max_images)
 
     # -- official checkpoints -----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def _features(model, batch, seed=0):
 def _logits_and_grads(cocoop, image_features, path):
     """Logits through ``path`` and the gradients of a cross-entropy loss w.r.t. every learned tensor."""
     params = [p for p in cocoop.prompt_learner.parameters()]
-    logits = cocoop.logits_from_features(image_features, path)
+    logits = cocoop.logits_from_image_features(image_features, path)
     labels = torch.arange(len(image_features)) % logits.shape[1]
     grads = torch.autograd.grad(F.cross_entropy(logits.float(), labels), params)
     return logits, grads
@@ -160,7 +160,7 @@ def test_fast_path_builds_no_full_prompts(monkeypatch):
 
     monkeypatch.setattr(TextEngine, "encode_naive", counting_naive)
     monkeypatch.setattr(engine_mod, "assemble_prompts", recording_assemble)
-    logits = cocoop.logits_from_features(feats, "fast")
+    logits = cocoop.logits_from_image_features(feats, "fast")
     F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     assert naive_calls == [] and len(shapes) == 2
     prefix, suffix = shapes
@@ -170,7 +170,7 @@ def test_fast_path_builds_no_full_prompts(monkeypatch):
     assert prompts.prefix_len + prompts.suffix_len < 77
     # the official loop does build full prompts, once per image: the checks above can fail
     shapes.clear()
-    cocoop.logits_from_features(feats, "naive")
+    cocoop.logits_from_image_features(feats, "naive")
     assert len(naive_calls) == 3 and all(s[-2] == 77 for s in shapes)
 
 
@@ -179,8 +179,8 @@ def test_image_chunks_equal_one_pass():
     cocoop = CoCoOp(model, MIXED_NAMES, seed=0)
     feats = _features(model, 5)
     with torch.no_grad():
-        whole = cocoop.logits_from_features(feats, "fast")
-        chunked = cocoop.logits_from_features(feats, "fast", max_images=2)
+        whole = cocoop.logits_from_image_features(feats, "fast")
+        chunked = cocoop.logits_from_image_features(feats, "fast", max_images=2)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="max_images must be at least 1"):
         cocoop.encode_text(feats, "fast", max_images=0)
@@ -278,10 +278,10 @@ def test_non_causal_tower_uses_the_official_loop():
         cocoop = CoCoOp(model, MIXED_NAMES, seed=0)
         feats = _features(model, 2)
         with torch.no_grad():
-            auto = cocoop.logits_from_features(feats)
+            auto = cocoop.logits_from_image_features(feats)
     assert any("full-prompt text path" in str(w.message) for w in caught)
     with torch.no_grad():
-        torch.testing.assert_close(auto, cocoop.logits_from_features(feats, "naive"), rtol=0, atol=0)
+        torch.testing.assert_close(auto, cocoop.logits_from_image_features(feats, "naive"), rtol=0, atol=0)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_bad_input_is_named_and_changes_nothing():
     with pytest.raises(ValueError, match="images are on meta"):
         cocoop(torch.empty(1, 3, 32, 32, device="meta"))
     with pytest.raises(ValueError, match=r"image features must be \(B, 32\), got \(2, 64\)"):
-        cocoop.logits_from_features(torch.randn(2, 64))
+        cocoop.logits_from_image_features(torch.randn(2, 64))
     with pytest.raises(ValueError, match="B = 0"):
         cocoop.encode_text(torch.randn(0, 32))
     with pytest.raises(ValueError, match="unknown text path"):
