@@ -1,0 +1,728 @@
+"""TPT: test-time prompt tuning (Shu et al., 2022), as in azshue/TPT ``tpt_classification.py``; plus ZERO
+(Farina et al., 2023), its training-free follow-up.
+
+Per test image (official rules, checked against the repository):
+
+* views: view 0 is the image resized (bicubic) and center-cropped; the others are random resized
+  crops with horizontal flips (AugMix on top for the fine-grained data sets), see
+  :mod:`promptcore.views`;
+* the context is reset to its initial value and AdamW (``lr``, betas (0.9, 0.999), eps 1e-8,
+  weight decay 0.01) starts from fresh state;
+* logits of all views; the ``int(V * selection)`` views of lowest softmax entropy are kept
+  (``argsort`` ascending; promptcore sorts stably, so ties go to the lower view index). The
+  selection is made on the FIRST step's logits and reused at later steps (the logits of all views
+  are recomputed with the updated context, then indexed with the first selection);
+* loss = entropy of the mean probability of the kept views, computed as the official
+  ``avg_entropy``: ``logp = x - logsumexp(x)``, ``avg = logsumexp(logp, views) - log(k)`` clamped at
+  the dtype's min, ``loss = -(avg * exp(avg)).sum()``;
+* ``steps`` optimizer steps, then the prediction on view 0 with the tuned context.
+
+promptcore tunes many images at once: the context is a (N, K, D) tensor (the engine's "group"
+layout: one prompt prefix per image), the per-image losses are summed, and :class:`BatchedAdamW`
+applies torch.optim.AdamW's elementwise arithmetic to the stack, so N images tuned together give
+the results of N sequential runs. Image features of the views are computed once (the encoder is
+frozen) and reused at every step; the official code recomputes them each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import PromptModule
+from .checkpoints import CheckpointError, check_method, detect_method, official_state_dict, read_prompt_file
+from .engine import PromptSet
+from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, context_prompts, init_context
+
+PRECISIONS = ("amp", "native")
+MODES = ("tpt", "zero")
+META_NET_INPUTS = ("raw", "normalized")
+# torch.cuda.amp.GradScaler(init_scale=1000) in the official script; only fp16 needs loss scaling.
+OFFICIAL_LOSS_SCALE = 1000.0
+
+
+@dataclass
+class TPTOutput:
+    """Result of :meth:`TPT.adapt` for N images.
+
+    ``logits`` (N, n_cls) fp32: view 0 scored with the tuned context; ``ctx`` (N, K, D) fp32: the
+    tuned contexts; ``selected`` (N, k): the confident views (chosen at the first step);
+    ``losses`` (steps, N): each image's loss before each optimizer step.
+    """
+
+    logits: torch.Tensor
+    ctx: torch.Tensor
+    selected: torch.Tensor
+    losses: torch.Tensor
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+
+@dataclass
+class ZeroOutput:
+    """Result of :meth:`TPT.zero`: ``preds`` (N,), ``votes`` (N, n_cls) argmax counts of the confident
+    views, ``selected`` (N, k) the confident views, ``logits`` (N, V, n_cls) fp32 logits of all views."""
+
+    preds: torch.Tensor
+    votes: torch.Tensor
+    selected: torch.Tensor
+    logits: torch.Tensor
+
+
+# -- the pieces of one tuning step, also used by the tests and the benchmark --------------------
+
+
+def view_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax entropy over the last dim (the official ``-(softmax * log_softmax).sum()``), in fp32."""
+    logp = logits.float().log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def select_confident(logits: torch.Tensor, selection: float) -> torch.Tensor:
+    """Indices (..., k) of the ``k = int(V * selection)`` lowest-entropy views of logits (..., V, C)."""
+    k = int(logits.shape[-2] * selection)
+    if k < 1:
+        raise ValueError(f"selection {selection} of {logits.shape[-2]} views keeps no view; "
+                         f"int(n_views * selection) must be at least 1")
+    return torch.argsort(view_entropy(logits), dim=-1, stable=True)[..., :k]
+
+
+def avg_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the mean probability over the views, (..., k, C) -> (...), the official formula in fp32."""
+    x = logits.float()
+    logp = x - x.logsumexp(dim=-1, keepdim=True)
+    avg = logp.logsumexp(dim=-2) - math.log(logp.shape[-2])
+    avg = avg.clamp(min=torch.finfo(avg.dtype).min)
+    return -(avg * avg.exp()).sum(dim=-1)
+
+
+def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
+    """fp32 logits (G, V, C) of image features (G, V, E) against per-group text features (G, C, E).
+
+    The batched form of ``promptcore.kernels.cosine_logits`` (normalise in fp32, scale by
+    ``exp(logit_scale)``): each image scores its views against its own tuned classifier.
+    """
+    img = F.normalize(image_features.float(), dim=-1)
+    txt = F.normalize(text_features.float(), dim=-1)
+    scale = torch.as_tensor(logit_scale).float().exp()
+    return scale * torch.bmm(img, txt.transpose(1, 2))
+
+
+class BatchedAdamW:
+    """AdamW on a stack of independent parameters, fresh state, torch.optim.AdamW's arithmetic.
+
+    The update is elementwise, so row n of ``param`` (N, ...) evolves exactly as it would alone
+    under ``torch.optim.AdamW([param_n], lr, betas, eps, weight_decay)`` (its single-tensor path:
+    decoupled decay ``p *= 1 - lr * wd``, ``m.lerp_(g, 1 - b1)``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with Python-float scalars).
+    ``step(grad, finite)`` skips the rows whose ``finite`` flag is False (non-finite gradients, as
+    GradScaler skips a step); the step count is shared by all rows.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        self.param = param
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.step_count = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, finite: Optional[torch.Tensor] = None) -> None:
+        p, m, v = self.param, self.exp_avg, self.exp_avg_sq
+        if finite is not None:
+            old = (p.clone(), m.clone(), v.clone())
+            grad = torch.where(_rows(finite, grad), grad, torch.zeros_like(grad))
+        self.step_count += 1
+        step = float(self.step_count)  # torch keeps the count in a float tensor and reads it with .item()
+        beta1, beta2 = self.betas
+        p.mul_(1 - self.lr * self.weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = self.lr / (1 - beta1 ** step)
+        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.eps)
+        p.addcdiv_(m, denom, value=-step_size)
+        if finite is not None:
+            keep = _rows(finite, p)
+            for new, prev in zip((p, m, v), old):
+                new.copy_(torch.where(keep, new, prev))
+
+
+def _rows(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def zero_vote(logits: torch.Tensor, selection: float):
+    """ZERO's prediction from logits (N, V, C) of each image's views; returns (preds, votes, selected).
+
+    The ``int(V * selection)`` lowest-entropy views are kept (as TPT selects); each kept view votes
+    for its argmax class (the zero-temperature limit of its softmax: a one-hot vector) and the class
+    with most votes wins. Ties are broken as the official ``greedy_break``: walking through the views
+    that were NOT kept, in increasing entropy, the first whose argmax is a tied class decides. If none
+    does (or all views were kept), the tied class with the highest logit in the most confident view
+    that was not kept (else the most confident view) wins -- the official fallback intends this but
+    indexes with ``~ties`` on an integer tensor.
+    """
+    N, V, C = logits.shape
+    order = torch.argsort(view_entropy(logits), dim=-1, stable=True)
+    k = int(V * selection)
+    if k < 1:
+        raise ValueError(f"selection {selection} of {V} views keeps no view; int(n_views * selection) must be >= 1")
+    selected = order[:, :k]
+    view_argmax = logits.argmax(dim=-1)  # (N, V)
+    votes = F.one_hot(view_argmax.gather(1, selected), C).sum(dim=1)  # (N, C)
+    top = votes.max(dim=-1, keepdim=True).values
+    tied = votes == top
+    preds = votes.argmax(dim=-1)
+    rest = order[:, k:]
+    if rest.shape[1] > 0:
+        rest_argmax = view_argmax.gather(1, rest)  # (N, V - k), most confident first
+        hit = tied.gather(1, rest_argmax)
+        first = hit.float().argmax(dim=-1)  # first True (0 when none)
+        greedy = rest_argmax.gather(1, first[:, None])[:, 0]
+        fallback_view = rest[:, 0]
+    else:
+        hit = torch.zeros(N, 1, dtype=torch.bool, device=logits.device)
+        greedy = preds
+        fallback_view = order[:, 0]
+    fallback_logits = logits.gather(1, fallback_view[:, None, None].expand(N, 1, C))[:, 0].float()
+    fallback = fallback_logits.masked_fill(~tied, float("-inf")).argmax(dim=-1)
+    broken = torch.where(hit.any(dim=-1), greedy, fallback)
+    preds = torch.where(tied.sum(dim=-1) > 1, broken, preds)
+    return preds, votes, selected
+
+
+# -- the module -----------------------------------------------------------------------------
+
+
+class TPTPromptLearner(nn.Module):
+    """Holds the initial context ``ctx`` (n_ctx, D) -- TPT never changes it: every image tunes its own
+    copy -- the prompt set (one prefix per image) and, for a CoCoOp initialisation, ``meta_net``."""
+
+    def __init__(self, ctx: torch.Tensor):
+        super().__init__()
+        self.ctx = nn.Parameter(ctx, requires_grad=False)
+        self.meta_net: Optional[nn.Sequential] = None
+        self.prompts: Optional[PromptSet] = None
+
+
+def _meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict([("linear1", nn.Linear(vis_dim, vis_dim // 16)), ("relu", nn.ReLU()),
+                                      ("linear2", nn.Linear(vis_dim // 16, ctx_dim))]))
+
+
+class TPT(PromptModule):
+    """Test-time prompt tuning over an open_clip CLIP model.
+
+    ``tpt.predict(images)`` makes views of raw images on their device and tunes each image on its
+    own views (many images at once); ``tpt.adapt(views)`` does the same for pre-made views
+    (N, V, 3, H, W) whose view 0 is the original. ``tpt.zero(views)`` is ZERO (no backward).
+
+    Args:
+        model: an open_clip CLIP model (frozen; fp32 weights for ``precision="amp"``, or fp16/bf16).
+        classnames: class names in label order.
+        tokenizer: open_clip tokenizer (default: the CLIP BPE tokenizer).
+        n_ctx, ctx_init: context length, or the init phrase (its word count wins), as CoOp.
+        n_views: views per image made by :meth:`predict` (view 0 included; official 64).
+        selection: fraction of confident views kept (official 0.1; ``int(V * selection) >= 1``).
+        lr, steps, weight_decay: AdamW learning rate, optimizer steps per image, decoupled decay.
+        augmix: AugMix views (the official choice for the fine-grained data sets).
+        precision: "amp" runs fp32 weights under autocast (fp16 on CUDA, bf16 elsewhere) as the
+            official code does; "native" runs in the weights' dtype. Default: "amp" for fp32 weights.
+        batch_size: images tuned together by :meth:`predict`.
+        cocoop_meta_net: hold a CoCoOp meta-net (set by :meth:`init_from_cocoop`).
+        meta_net_input: "raw" (official TPT+CoCoOp: the unnormalised view-0 feature) or "normalized".
+        seed: seed of the random context init and the default view generator.
+    """
+
+    method = "tpt"
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 4,
+                 ctx_init: Optional[str] = "a photo of a", n_views: int = 64, selection: float = 0.1,
+                 lr: float = 5e-3, steps: int = 1, weight_decay: float = 0.01, augmix: bool = False,
+                 precision: Optional[str] = None, batch_size: int = 8, class_token_position: str = "end",
+                 text_path: str = "auto", cocoop_meta_net: bool = False, meta_net_input: str = "raw",
+                 image_batch: int = 256, seed: Optional[int] = None, freeze: bool = True):
+        super().__init__(model, tokenizer, text_path, freeze)
+        _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch)
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise ValueError(f"unknown class token position {class_token_position!r}; "
+                             f"choose one of {', '.join(CLASS_TOKEN_POSITIONS)}")
+        if meta_net_input not in META_NET_INPUTS:
+            raise ValueError(f"meta_net_input must be one of {META_NET_INPUTS}, got {meta_net_input!r}")
+        weights = self.engine.tower.dtype
+        if precision is None:
+            precision = "amp" if weights == torch.float32 else "native"
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision == "amp" and weights != torch.float32:
+            raise ValueError(f"precision 'amp' runs fp32 weights under autocast; this model is {weights}: "
+                             "use precision='native'")
+        clean_classnames(classnames)  # validate before anything is built
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx, generator=generator)
+        self.n_ctx, self.ctx_init, self.prompt_prefix = n_ctx, ctx_init, phrase
+        self.class_token_position = class_token_position
+        self.n_views, self.selection, self.lr, self.steps = int(n_views), float(selection), float(lr), int(steps)
+        self.weight_decay, self.augmix, self.precision = float(weight_decay), bool(augmix), precision
+        self.batch_size, self.image_batch, self.seed = int(batch_size), int(image_batch), seed
+        self.meta_net_input = meta_net_input
+        self.prompt_learner = TPTPromptLearner(ctx)
+        if cocoop_meta_net:
+            self._add_meta_net()
+        self.set_classnames(classnames)
+        self._finish_init()
+
+    # -- options, classes, precision --------------------------------------------------------
+
+    def options(self) -> Dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "n_views": self.n_views, "selection": self.selection,
+                "lr": self.lr, "steps": self.steps, "weight_decay": self.weight_decay, "augmix": self.augmix,
+                "precision": self.precision, "batch_size": self.batch_size,
+                "class_token_position": self.class_token_position,
+                "cocoop_meta_net": self.prompt_learner.meta_net is not None, "meta_net_input": self.meta_net_input}
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Swap the class list."""
+        names = clean_classnames(classnames)
+        tower = self.engine.tower
+        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
+                                self.class_token_position, raw_names=list(classnames))
+        self.prompt_learner.prompts = PromptSet(tower, built.ids, built.slots, "group")
+        self.classnames = list(classnames)
+        self.name_lens = built.name_lens
+        self._classes_version += 1
+        self.clear_cache()
+
+    @property
+    def num_classes(self) -> int:
+        return self.prompt_learner.prompts.num_classes
+
+    def autocast(self):
+        """The autocast context of ``precision="amp"`` (fp16 on CUDA, bf16 elsewhere); a no-op otherwise."""
+        if self.precision != "amp":
+            return contextlib.nullcontext()
+        device = self.engine.tower.device
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the encoders compute in."""
+        if self.precision == "amp":
+            return torch.float16 if self.engine.tower.device.type == "cuda" else torch.bfloat16
+        return self.engine.tower.dtype
+
+    @property
+    def loss_scale(self) -> float:
+        """Loss scale of the backward pass: the official GradScaler's 1000 where gradients are fp16, else 1."""
+        return OFFICIAL_LOSS_SCALE if self.compute_dtype == torch.float16 else 1.0
+
+    # -- encoders ---------------------------------------------------------------------------
+
+    def check_views(self, views: torch.Tensor) -> None:
+        """Raise a clear error for views that are not (N, V >= 2, 3, H, W) images the model accepts."""
+        if not isinstance(views, torch.Tensor):
+            raise TypeError(f"views must be a tensor, got {type(views).__name__}")
+        if views.dim() != 5 or views.shape[2] != 3:
+            raise ValueError(f"views must be (N, V, 3, H, W) with view 0 the original, got {tuple(views.shape)}")
+        if views.shape[0] == 0:
+            raise ValueError("views hold no image (N = 0)")
+        if views.shape[1] < 2:
+            raise ValueError(f"TPT needs at least 2 views per image (view 0 + augmented), got {views.shape[1]}")
+        if int(views.shape[1] * self.selection) < 1:
+            raise ValueError(f"selection {self.selection} of {views.shape[1]} views keeps no view; "
+                             "int(n_views * selection) must be at least 1")
+        self.check_images(views[:, 0])
+
+    @torch.no_grad()
+    def encode_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Image features (N, V, E) of the views, computed once (the image encoder is frozen)."""
+        self.check_views(views)
+        N, V = views.shape[:2]
+        flat = views.reshape(N * V, *views.shape[2:])
+        feats = []
+        with self.autocast():
+            for start in range(0, flat.shape[0], self.image_batch):
+                feats.append(self.model.encode_image(flat[start:start + self.image_batch].to(self.image_dtype)))
+        return torch.cat(feats).reshape(N, V, -1)
+
+    def encode_text_groups(self, ctx: torch.Tensor, path: Optional[str] = None) -> torch.Tensor:
+        """Text features (G, n_cls, E) for per-image contexts ``ctx`` (G, K, D), one prompt prefix per image."""
+        with self.autocast():
+            return self.engine.encode(self.prompt_learner.prompts, ctx, path=path or self.text_path)
+
+    def initial_context(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The initial context of each image, (N, K, D) fp32: ``ctx``, plus the meta-net bias of the view-0
+        feature with a CoCoOp initialisation (official TPT+CoCoOp ``gen_ctx(images, aug=True)``)."""
+        N = image_features.shape[0]
+        ctx = self.prompt_learner.ctx.detach().float()
+        meta = self.prompt_learner.meta_net
+        if meta is None:
+            return ctx.unsqueeze(0).expand(N, -1, -1).clone()
+        feat = image_features[:, 0]
+        if self.meta_net_input == "normalized":
+            feat = F.normalize(feat.float(), dim=-1)
+        with torch.no_grad(), self.autocast():
+            bias = meta(feat.to(meta[0].weight.dtype))
+        return (ctx.unsqueeze(0) + bias.float().unsqueeze(1)).contiguous()
+
+    def _compute_text_features(self) -> torch.Tensor:
+        return self.encode_text_groups(self.prompt_learner.ctx.unsqueeze(0))[0]
+
+    # -- TPT ----------------------------------------------------------------------------------
+
+    def adapt(self, views: torch.Tensor, steps: Optional[int] = None, text_path: Optional[str] = None) -> TPTOutput:
+        """Tune each image's context on its own views (N, V, 3, H, W), all images at once.
+
+        View 0 is the original image; its logits with the tuned context are the prediction.
+        """
+        steps = self.steps if steps is None else steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        feats = self.encode_views(views)
+        return self.adapt_features(feats, steps=steps, text_path=text_path)
+
+    def adapt_features(self, image_features: torch.Tensor, steps: Optional[int] = None,
+                       text_path: Optional[str] = None) -> TPTOutput:
+        """:meth:`adapt` from precomputed view features (N, V, E)."""
+        steps = self.steps if steps is None else steps
+        if image_features.dim() != 3 or image_features.shape[1] < 2:
+            raise ValueError(f"image features must be (N, V >= 2, E), got {tuple(image_features.shape)}")
+        scale = self.model.logit_scale.detach()
+        ctx = self.initial_context(image_features).requires_grad_(True)
+        optimizer = BatchedAdamW(ctx, self.lr, weight_decay=self.weight_decay)
+        loss_scale = self.loss_scale
+        inv_scale = torch.tensor(loss_scale, dtype=torch.float64).reciprocal().float().item()
+        selected, losses = None, []
+        with torch.enable_grad():
+            for _ in range(steps):
+                logits = group_logits(image_features, self.encode_text_groups(ctx, text_path), scale)
+                if selected is None:  # the official code selects once, on the first step's logits
+                    selected = select_confident(logits.detach(), self.selection)
+                kept = logits.gather(1, selected.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+                loss = avg_entropy(kept)  # (N,)
+                losses.append(loss.detach())
+                (grad,) = torch.autograd.grad(loss.sum() * loss_scale, ctx)
+                finite = None
+                if loss_scale != 1.0:
+                    grad = grad * inv_scale  # GradScaler.unscale_: multiply by the fp32 reciprocal
+                    finite = torch.isfinite(grad).flatten(1).all(dim=1)
+                optimizer.step(grad, finite)
+        ctx = ctx.detach()
+        with torch.no_grad():
+            text = self.encode_text_groups(ctx, text_path)
+            final = group_logits(image_features[:, :1], text, scale)[:, 0]
+        return TPTOutput(final, ctx, selected, torch.stack(losses))
+
+    # -- ZERO -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def zero(self, views: torch.Tensor, selection: float = 0.3) -> ZeroOutput:
+        """ZERO (training-free): vote of the confident views' argmax predictions, no backward.
+
+        ``selection`` is ZERO's gamma (its paper and code use 0.3); see :func:`zero_vote`.
+        """
+        _check_fraction(selection)
+        feats = self.encode_views(views)
+        return self.zero_features(feats, selection)
+
+    @torch.no_grad()
+    def zero_features(self, image_features: torch.Tensor, selection: float = 0.3) -> ZeroOutput:
+        """:meth:`zero` from precomputed view features (N, V, E)."""
+        scale = self.model.logit_scale.detach()
+        if self.prompt_learner.meta_net is None:
+            text = self.text_features().unsqueeze(0).expand(image_features.shape[0], -1, -1)
+        else:
+            text = self.encode_text_groups(self.initial_context(image_features))
+        logits = group_logits(image_features, text, scale)
+        preds, votes, selected = zero_vote(logits, selection)
+        return ZeroOutput(preds, votes, selected, logits)
+
+    # -- raw images ----------------------------------------------------------------------------
+
+    def make_views(self, images, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Views (N, n_views, 3, S, S) of raw images, made on their device (see :func:`promptcore.views.make_views`)."""
+        from .views import make_views
+
+        size = _model_image_size(self.model)
+        generator = generator if generator is not None else self._default_generator()
+        return make_views(images, self.n_views, size, generator=generator, augmix=self.augmix)
+
+    def _default_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+
+    def predict_logits(self, images, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """TPT logits (N, n_cls) of raw images (see :meth:`predict`)."""
+        images = _as_image_list(images)
+        generator = generator if generator is not None else self._default_generator()
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            out.append(self.adapt(self.make_views(images[start:start + self.batch_size], generator)).logits)
+        return torch.cat(out)
+
+    def predict(self, images, mode: str = "tpt", generator: Optional[torch.Generator] = None,
+                zero_selection: float = 0.3) -> torch.Tensor:
+        """Class predictions (N,) of raw images: each tuned on its own views, ``batch_size`` at a time.
+
+        ``images``: (N, 3, H, W) or a list of (3, H, W) tensors of any size, uint8 (0..255) or float
+        (0..1), on the model's device. ``mode="zero"`` predicts with ZERO instead of tuning. Views
+        come from ``generator`` (default: one seeded with ``seed``, or 0).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "zero":
+            _check_fraction(zero_selection)
+        images = _as_image_list(images)
+        generator = generator if generator is not None else self._default_generator()
+        preds = []
+        for start in range(0, len(images), self.batch_size):
+            views = self.make_views(images[start:start + self.batch_size], generator)
+            preds.append(self.adapt(views).preds if mode == "tpt" else self.zero(views, zero_selection).preds)
+        return torch.cat(preds)
+
+    def forward(self, images) -> torch.Tensor:
+        """TPT logits (N, n_cls) of raw images."""
+        return self.predict_logits(images)
+
+    # -- initialisation from checkpoints ----------------------------------------------------------
+
+    def _add_meta_net(self) -> None:
+        tower = self.engine.tower
+        vis_dim = getattr(self.model.visual, "output_dim", None) or tower.output_dim
+        meta = _meta_net(vis_dim, tower.width).to(device=tower.device, dtype=tower.dtype)
+        meta.requires_grad_(False)
+        self.prompt_learner.meta_net = meta
+
+    def init_from_coop(self, path) -> Dict[str, Any]:
+        """Initialise from a CoOp context: an official KaiyangZhou/CoOp checkpoint (file or folder) or a
+        promptcore CoOp prompt file (``.safetensors``). Its ``ctx`` must be generic (n_ctx, D) with this
+        TPT's n_ctx (the official script asserts the same). Nothing changes on error."""
+        ctx, source, info = self._read_ctx(path, "coop")
+        self._set_initial_ctx(ctx, source)
+        if self.prompt_learner.meta_net is not None:
+            self.prompt_learner.meta_net = None
+        self.clear_cache()
+        return {"file": str(source), "epoch": info.get("epoch"), "method": "coop"}
+
+    def init_from_cocoop(self, path) -> Dict[str, Any]:
+        """Initialise from a CoCoOp checkpoint: ``ctx`` and ``meta_net``. As the official TPT+CoCoOp, each
+        image's initial context is ``ctx + meta_net(f0)`` with f0 the view-0 image feature (unnormalised
+        unless ``meta_net_input="normalized"``), and that shifted context is what TPT tunes."""
+        state, source, info = self._read_state(path)
+        check_method(state, "cocoop", source)
+        vis_dim = getattr(self.model.visual, "output_dim", None) or self.engine.tower.output_dim
+        width = self.engine.tower.width
+        want = {"meta_net.linear1.weight": (vis_dim // 16, vis_dim), "meta_net.linear1.bias": (vis_dim // 16,),
+                "meta_net.linear2.weight": (width, vis_dim // 16), "meta_net.linear2.bias": (width,)}
+        for key, shape in want.items():
+            if key not in state:
+                raise CheckpointError(f"{source} lacks {key}")
+            if tuple(state[key].shape) != shape:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, this model needs {shape}")
+        self._check_ctx(state["ctx"], source)
+        self._add_meta_net()
+        meta = self.prompt_learner.meta_net
+        with torch.no_grad():
+            for key in want:
+                meta.get_parameter(key[len("meta_net."):]).copy_(state[key])
+        self._set_initial_ctx(state["ctx"], source)
+        self.clear_cache()
+        return {"file": str(source), "epoch": info.get("epoch"), "method": "cocoop"}
+
+    def load_official(self, path) -> Dict[str, Any]:
+        """Initialise from an official CoOp or CoCoOp checkpoint (whichever it holds)."""
+        state, source, _ = self._read_state(path)
+        method = detect_method(state)
+        if method == "cocoop":
+            return self.init_from_cocoop(path)
+        if method == "coop":
+            return self.init_from_coop(path)
+        check_method(state, "coop", source)  # raises a clear error naming what it holds
+        raise CheckpointError(f"{source} holds no CoOp or CoCoOp context")
+
+    def load(self, path) -> Dict[str, Any]:
+        """Load a promptcore TPT prompt file (adds the meta-net first when the file holds one)."""
+        tensors, meta = read_prompt_file(path)
+        if meta["method"] == self.method and any(k.startswith("meta_net.") for k in tensors) \
+                and self.prompt_learner.meta_net is None:
+            self._add_meta_net()
+        try:
+            return super().load(path)
+        except CheckpointError:
+            if meta["method"] == self.method and not any(k.startswith("meta_net.") for k in tensors):
+                self.prompt_learner.meta_net = None
+            raise
+
+    def _read_state(self, path):
+        if str(path).endswith(".safetensors"):
+            tensors, meta = read_prompt_file(path)
+            return tensors, Path(path), {}
+        return official_state_dict(path)
+
+    def _read_ctx(self, path, method: str):
+        state, source, info = self._read_state(path)
+        check_method(state, method, source)
+        self._check_ctx(state["ctx"], source)
+        return state["ctx"], source, info
+
+    def _check_ctx(self, ctx: torch.Tensor, source) -> None:
+        own = tuple(self.prompt_learner.ctx.shape)
+        got = tuple(ctx.shape)
+        if len(got) == 3:
+            raise CheckpointError(f"{source}: the context is class-specific ({got[0]} classes); TPT tunes one "
+                                  "generic context per image")
+        if got != own:
+            raise CheckpointError(f"{source}: checkpoint ctx is n_ctx={got[0]}, width={got[-1]}; this TPT has "
+                                  f"n_ctx={own[0]}, width={own[1]} (construct it with n_ctx={got[0]}, ctx_init=None)")
+
+    def _set_initial_ctx(self, ctx: torch.Tensor, source) -> None:
+        self._check_ctx(ctx, source)
+        with torch.no_grad():
+            self.prompt_learner.ctx.copy_(ctx.to(self.prompt_learner.ctx.dtype))
+
+
+# -- validation helpers -------------------------------------------------------------------------
+
+
+def _check_fraction(selection) -> None:
+    if not isinstance(selection, (int, float)) or isinstance(selection, bool) or not 0 < selection <= 1:
+        raise ValueError(f"selection must be a fraction in (0, 1], got {selection!r}")
+
+
+def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch) -> None:
+    if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 2:
+        raise ValueError(f"n_views must be an integer >= 2 (view 0 plus augmented views), got {n_views!r}")
+    _check_fraction(selection)
+    if int(n_views * selection) < 1:
+        raise ValueError(f"selection {selection} of {n_views} views keeps no view; "
+                         "int(n_views * selection) must be at least 1")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    for name, value in (("batch_size", batch_size), ("image_batch", image_batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _model_image_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if size is None:
+        raise ValueError("the model's image encoder names no image_size; pass views to adapt() instead")
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"non-square image size {tuple(size)} is not supported for view making")
+        size = size[0]
+    return int(size)
+
+
+def _as_image_list(images) -> List[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got one image of shape "
+                             f"{tuple(images.shape)}; add a batch dimension")
+        if images.dim() != 4:
+            raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got shape {tuple(images.shape)}")
+        images = list(images.unbind(0))
+    images = list(images)
+    if not images:
+        raise ValueError("no images given")
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"image {i} must be a (3, H, W) tensor, got {shape}")
+        if img.dtype != torch.uint8 and not img.is_floating_point():
+            raise TypeError(f"image {i} must be uint8 (0..255) or floating point (0..1), got {img.dtype}")
+    return images
+
+
+def load_image(path, device="cpu") -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor (3, H, W) on ``device`` (PIL, as the official loader)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.array(img.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(device)
+
+
+def run_folder(tpt: TPT, root, classnames: Optional[Union[str, Path, Sequence[str]]] = None, mode: str = "tpt",
+               limit: Optional[int] = None, seed: int = 0, progress: bool = True,
+               zero_selection: float = 0.3) -> Dict[str, Any]:
+    """TPT (or ZERO) over an ImageFolder-layout folder: ``root/<class folder>/<image>``.
+
+    Class folders sorted by name give the labels (as torchvision's ImageFolder); ``classnames`` (a file
+    with one name per line in that order, or a list) gives their names, else the folder names are
+    used. Images are decoded with PIL (RGB), moved to the model's device and tuned
+    ``tpt.batch_size`` at a time with a tqdm bar. Returns accuracy, images/s, counts and predictions.
+    """
+    from tqdm.auto import tqdm
+
+    from .models import read_classnames
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
+    if classnames is None:
+        names = [p.name for p in folders]
+    elif isinstance(classnames, (str, Path)):
+        names = read_classnames(classnames)
+    else:
+        names = list(classnames)
+    if len(names) != len(folders):
+        raise ValueError(f"{len(names)} class names for {len(folders)} class folders in {root}")
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    items = [(f, label) for label, folder in enumerate(folders)
+             for f in sorted(folder.iterdir()) if f.suffix.lower() in exts]
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"no images under {root}")
+    tpt.set_classnames(names)
+    device = tpt.engine.tower.device
+    generator = torch.Generator().manual_seed(seed)
+    preds: List[int] = []
+    correct = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), disable=not progress, unit="img", desc=f"{mode.upper()} {root.name}")
+    for i in range(0, len(items), tpt.batch_size):
+        batch = items[i:i + tpt.batch_size]
+        images = [load_image(f, device) for f, _ in batch]
+        views = tpt.make_views(images, generator)
+        if mode == "tpt":
+            p = tpt.adapt(views).preds
+        else:
+            p = tpt.zero(views, zero_selection).preds
+        p = p.tolist()
+        preds.extend(p)
+        correct += sum(int(a == label) for a, (_, label) in zip(p, batch))
+        bar.update(len(batch))
+        bar.set_postfix(acc=f"{100.0 * correct / len(preds):.1f}%")
+    bar.close()
+    seconds = time.perf_counter() - start
+    result = {"images": len(items), "correct": correct, "accuracy": correct / len(items),
+              "images_per_s": len(items) / seconds, "seconds": seconds, "preds": preds,
+              "labels": [label for _, label in items], "mode": mode}
+    if progress:
+        print(f"{mode.upper()} on {root}: accuracy {100.0 * result['accuracy']:.2f}% "
+              f"({correct}/{len(items)}), {result['images_per_s']:.2f} images/s")
+    return result
