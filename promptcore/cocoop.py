@@ -169,13 +169,11 @@ class CoCoOp(PromptModule):
         the fast path's activations (about B * n_cls * suffix_len * width per layer) by encoding
         that many images per pass; None encodes the whole batch in one pass.
         """
-        image_features = self._check_features(image_features)
+        image_features = self._check_features(image_features, max_images)
         if self._path(path) == "naive":
             return torch.stack([self._encode_one_naive(image_features[i]) for i in range(len(image_features))])
         if max_images is None:  # no slicing: keeps the batch axis symbolic under ONNX export
             return self._encode_fast(image_features)
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
         chunks = [self._encode_fast(image_features[i:i + max_images])
                   for i in range(0, len(image_features), max_images)]
         return torch.cat(chunks)
@@ -191,21 +189,23 @@ class CoCoOp(PromptModule):
         ctx_shifted = learner.ctx + learner.image_bias(image_feature[None])  # (n_ctx, D), in the model dtype
         return self.engine.encode(learner.prompts, ctx_shifted, path="naive")[0]
 
-    def _check_features(self, image_features: torch.Tensor) -> torch.Tensor:
+    def _check_features(self, image_features: torch.Tensor, max_images: Optional[int] = None) -> torch.Tensor:
         if not isinstance(image_features, torch.Tensor) or image_features.dim() != 2 \
                 or image_features.shape[1] != self.vis_dim:
             shape = tuple(image_features.shape) if isinstance(image_features, torch.Tensor) else type(image_features)
             raise ValueError(f"image features must be (B, {self.vis_dim}), got {shape}")
         if len(image_features) == 0:
             raise ValueError("image features hold no images (B = 0)")
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
         return image_features
 
     # -- scoring ------------------------------------------------------------------------------
 
     def logits_from_image_features(self, image_features: torch.Tensor, path: Optional[str] = None,
-                             max_images: Optional[int] = None) -> torch.Tensor:
+                                   max_images: Optional[int] = None) -> torch.Tensor:
         """Logits (B, n_cls) of image features (B, E) against their own prompts (see :meth:`encode_text`)."""
-        image_features = self._check_features(image_features)
+        image_features = self._check_features(image_features, max_images)
         scale = self.model.logit_scale
         if self._path(path) == "naive":  # the official loop: encode and score one image at a time
             rows = [self.logits(image_features[i:i + 1], self._encode_one_naive(image_features[i]))[0]
