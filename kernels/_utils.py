@@ -50,15 +50,6 @@ def dot_in_input_dtype(t: torch.Tensor) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def offsets_2d(rows, cols, stride_row, stride_col):
-        """Element offsets ``rows * stride_row + cols * stride_col`` computed in int64.
-
-        ``rows``/``cols`` may be int32 (``tl.arange``); they are widened first so that tensors
-        past 2**31 elements address correctly.
-        """
-        return rows.to(tl.int64) * stride_row + cols.to(tl.int64) * stride_col
-
-    @triton.jit
     def cast_for_store(x, ptr, RTNE_BF16: tl.constexpr):
         """``x`` (fp32) cast to the element type of ``ptr``, rounding to nearest even.
 
@@ -71,6 +62,10 @@ if HAS_TRITON:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
         return x.to(ptr.dtype.element_ty)
+
+
+else:  # the kernel files import these names; without Triton they are never called
+    cast_for_store = None
 
 
 def needs_bf16_rounding(out: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from kernel_checks import ATOL, assert_lowp_close, check_op
+
 from promptcore.kernels import ScoredLogits, cosine_logits, cosine_logits_ref
 
 cl = importlib.import_module("promptcore.kernels.cosine_logits")

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import textwrap
 
-import promptcore.kernels  # noqa: F401
 import pytest
+
+import promptcore.kernels  # noqa: F401
 
 SCRIPT = textwrap.dedent("""
     import torch

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from kernel_checks import ATOL, check_op
+
 from promptcore.kernels import prefix_attention, prefix_attention_ref
 
 # the package re-exports a function of the same name, so fetch the module itself

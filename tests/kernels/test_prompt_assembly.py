@@ -5,6 +5,7 @@ import importlib
 import pytest
 import torch
 from kernel_checks import check_op
+
 from promptcore.kernels import assemble_prompts, assemble_prompts_ref
 
 asm = importlib.import_module("promptcore.kernels.prompt_assembly")
