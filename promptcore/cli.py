@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("model", help="model.onnx written by promptcore export")
     ver.add_argument("--batch", type=int, nargs="+", default=[1, 3], help="batch sizes to compare")
     ver.set_defaults(func=_verify)
+    from .tpt import add_tpt_subparser
+    add_tpt_subparser(sub)
     return parser
 
 

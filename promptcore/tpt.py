@@ -726,3 +726,55 @@ def run_folder(tpt: TPT, root, classnames: Optional[Union[str, Path, Sequence[st
         print(f"{mode.upper()} on {root}: accuracy {100.0 * result['accuracy']:.2f}% "
               f"({correct}/{len(items)}), {result['images_per_s']:.2f} images/s")
     return result
+
+
+# -- the ``promptcore tpt`` command -------------------------------------------------------------------
+
+
+def add_tpt_subparser(sub) -> None:
+    """Register ``promptcore tpt FOLDER ...`` on the CLI's subparsers."""
+    cmd = sub.add_parser("tpt", help="test-time prompt tuning (or ZERO) over an ImageFolder-layout folder")
+    cmd.add_argument("folder", help="root/<class folder>/<image>; labels follow the sorted folder names")
+    cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order "
+                                                        "(default: the folder names)")
+    cmd.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
+    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
+    cmd.add_argument("--init", default=None, help="official CoOp/CoCoOp checkpoint to initialise the context from")
+    cmd.add_argument("--ctx-init", default="a photo of a", help="init phrase (default 'a photo of a'; '' for random)")
+    cmd.add_argument("--n-ctx", type=int, default=4)
+    cmd.add_argument("--views", type=int, default=64, help="views per image, view 0 included (default 64)")
+    cmd.add_argument("--selection", type=float, default=None, help="confident fraction (default 0.1; ZERO 0.3)")
+    cmd.add_argument("--lr", type=float, default=5e-3)
+    cmd.add_argument("--steps", type=int, default=1)
+    cmd.add_argument("--augmix", action="store_true", help="AugMix views (official for fine-grained sets)")
+    cmd.add_argument("--zero", action="store_true", help="ZERO: vote of confident views, no tuning")
+    cmd.add_argument("--batch", type=int, default=8, help="images tuned together (default 8)")
+    cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cmd.add_argument("--precision", default="amp", choices=["amp", "fp32", "fp16", "bf16"],
+                     help="amp: fp32 weights under autocast (official); others: weights in that dtype")
+    cmd.add_argument("--limit", type=int, default=None, help="first N images only")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.set_defaults(func=_tpt_command)
+
+
+def _tpt_command(args) -> int:
+    from .models import load_model
+
+    weights = "fp32" if args.precision == "amp" else args.precision
+    model, tokenizer = load_model(args.model, args.pretrained, args.device, weights)
+    selection = args.selection if args.selection is not None else (0.3 if args.zero else 0.1)
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    n_classes = sum(1 for p in root.iterdir() if p.is_dir())
+    placeholder = [f"class {i}" for i in range(max(n_classes, 1))]  # run_folder sets the real names
+    tpt = TPT(model, placeholder, tokenizer=tokenizer, n_ctx=args.n_ctx, ctx_init=args.ctx_init or None,
+              n_views=args.views, selection=0.1 if args.zero else selection, lr=args.lr, steps=args.steps,
+              augmix=args.augmix, precision="amp" if args.precision == "amp" else "native", batch_size=args.batch,
+              seed=args.seed)
+    if args.init:
+        info = tpt.load_official(args.init)
+        print(f"initialised from {info['method']} checkpoint {info['file']}")
+    run_folder(tpt, root, args.classnames, mode="zero" if args.zero else "tpt", limit=args.limit, seed=args.seed,
+               zero_selection=selection)
+    return 0
