@@ -162,11 +162,12 @@ def test_fast_path_builds_no_full_prompts(monkeypatch):
     monkeypatch.setattr(engine_mod, "assemble_prompts", recording_assemble)
     logits = cocoop.logits_from_image_features(feats, "fast")
     F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
-    assert naive_calls == [] and len(shapes) == 2
-    prefix, suffix = shapes
+    assert naive_calls == []
+    prefix, *suffixes = shapes  # the engine may split the classes' suffixes into length buckets
     prompts = cocoop.prompt_learner.prompts
     assert prefix == (3, 1, prompts.prefix_len, 64)  # SOS + ctx + bias, once per image
-    assert suffix == (1, len(MIXED_NAMES), prompts.suffix_len, 64)  # class tokens, shared by the images
+    assert sum(s[1] for s in suffixes) == len(MIXED_NAMES)  # each class's suffix once, shared by the images
+    assert all(s[0] == 1 and s[2] <= prompts.suffix_len and s[3] == 64 for s in suffixes)
     assert prompts.prefix_len + prompts.suffix_len < 77
     # the official loop does build full prompts, once per image: the checks above can fail
     shapes.clear()
