@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,8 @@ class PromptSet(nn.Module):
     one copy per group) or class-specific ("class"); class-specific rows end the shared prefix.
     """
 
-    def __init__(self, tower: TextTower, ids: torch.Tensor, slots: torch.Tensor, ctx_layout: str = "shared"):
+    def __init__(self, tower: TextTower, ids: torch.Tensor, slots: torch.Tensor, ctx_layout: str = "shared",
+                 max_buckets: int = 4):
         super().__init__()
         if ids.dim() != 2 or ids.shape != slots.shape:
             raise ValueError(f"ids and slots must both be (C, L), got {tuple(ids.shape)} and {tuple(slots.shape)}")
@@ -67,6 +68,13 @@ class PromptSet(nn.Module):
         keep = prefix_len + self.suffix_len
         with torch.no_grad():
             self.register_buffer("token_embeds", tower.token_embedding(ids[:, :keep]), persistent=False)
+        self.buckets: List[Tuple[torch.Tensor, int]] = []
+        for i, (members, length) in enumerate(length_buckets((eot - prefix_len + 1).tolist(), max_buckets)):
+            name = f"bucket{i}"
+            self.register_buffer(name, torch.tensor(members, dtype=torch.long, device=device), persistent=False)
+            self.buckets.append((name, length))
+        self.register_buffer("bucket_order", torch.argsort(torch.cat([getattr(self, n) for n, _ in self.buckets])),
+                             persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -75,10 +83,57 @@ class PromptSet(nn.Module):
     @property
     def live_tokens(self) -> Tuple[int, int]:
         """(tokens per layer on the fast path for one group, tokens per layer on the naive path)."""
-        return self.prefix_len + self.num_classes * self.suffix_len, self.num_classes * self.ids.shape[1]
+        suffix = sum(getattr(self, name).numel() * length for name, length in self.buckets)
+        return self.prefix_len + suffix, self.num_classes * self.ids.shape[1]
+
+    def bucket_views(self):
+        """(class indices, suffix length) of each length bucket, on the prompts' device."""
+        return [(getattr(self, name), length) for name, length in self.buckets]
 
     def has_ctx(self, start: int, stop: int) -> bool:
         return bool((self.slots[:, start:stop] >= 0).any())
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int = 4) -> List[Tuple[List[int], int]]:
+    """Split classes into at most ``max_buckets`` groups of similar suffix length.
+
+    Every class of a bucket is padded to the bucket's longest suffix, so the split that minimises
+    the padded token count (sum of size x longest length) is chosen by dynamic programming over
+    the sorted distinct lengths. Returns [(class indices, padded length)], shortest first.
+    """
+    if max_buckets < 1:
+        raise ValueError("max_buckets must be at least 1")
+    distinct = sorted(set(lengths))
+    counts = [sum(1 for x in lengths if x == d) for d in distinct]
+    n = len(distinct)
+    prefix_counts = [0]
+    for c in counts:
+        prefix_counts.append(prefix_counts[-1] + c)
+    inf = float("inf")
+    # cost[k][j]: best padded tokens covering distinct[:j] with k buckets; the last bucket ends at j-1
+    cost = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
+    cost[0][0] = 0
+    for k in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                if cost[k - 1][i] == inf:
+                    continue
+                c = cost[k - 1][i] + (prefix_counts[j] - prefix_counts[i]) * distinct[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    k = min(range(1, max_buckets + 1), key=lambda kk: (cost[kk][n], kk))
+    bounds = []
+    j = n
+    while k > 0 and j > 0:
+        i = cut[k][j]
+        bounds.append((distinct[i], distinct[j - 1]))
+        j, k = i, k - 1
+    buckets = []
+    for low, high in reversed(bounds):
+        members = [c for c, x in enumerate(lengths) if low <= x <= high]
+        buckets.append((members, high))
+    return buckets
 
 
 @dataclass
@@ -186,7 +241,7 @@ class TextEngine:
         """Shared prefix once per group, EOT-truncated suffixes attending to it."""
         tower = self.tower
         dtype = tower.dtype
-        P, S, C = prompts.prefix_len, prompts.suffix_len, prompts.num_classes
+        P = prompts.prefix_len
         layout = prompts.ctx_layout if ctx is not None else "shared"
         pos = tower.positional_embedding.to(dtype)
         tokens = prompts.token_embeds.to(dtype)
@@ -198,23 +253,35 @@ class TextEngine:
         prefix_layout = "shared" if layout == "class" else layout
         x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P], prefix_ctx,
                                     bias if prefix_ctx is not None else None, prefix_layout)[:, 0]
-        suffix_ctx = ctx if prompts.has_ctx(P, P + S) else None
-        x_suffix = assemble_prompts(tokens[:, P:], prompts.slots[:, P:P + S], pos[P:P + S], suffix_ctx,
-                                    bias if suffix_ctx is not None else None, layout)
-        G = max(x_prefix.shape[0], x_suffix.shape[0])
+        suffixes = []  # per length bucket: (hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows)
+        for members, length in prompts.bucket_views():
+            has_ctx = bool((prompts.slots[members, P:P + length] >= 0).any())
+            bucket_ctx = ctx if has_ctx else None
+            if bucket_ctx is not None and layout == "class":
+                bucket_ctx = ctx[members]
+            x = assemble_prompts(tokens[members, P:P + length], prompts.slots[members, P:P + length],
+                                 pos[P:P + length], bucket_ctx, bias if has_ctx else None, layout)
+            eot = prompts.eot[members] - P
+            suffixes.append([x, eot + 1, eot])
+        G = max([x_prefix.shape[0]] + [x.shape[0] for x, _, _ in suffixes])
         if layer_prompts is not None:
             G = max([G] + [v.shape[0] for v in layer_prompts.values.values() if v.dim() == 3])
         if x_prefix.shape[0] != G:
             x_prefix = x_prefix.expand(G, -1, -1)
-        suffix_lens = prompts.eot - P + 1
         heads = tower.heads
+        last = len(tower.blocks) - 1
         for i, blk in enumerate(tower.blocks):
             if layer_prompts is not None and i in layer_prompts.values:
                 x_prefix = _overwrite(x_prefix, layer_prompts.positions, layer_prompts.values[i])
-            x_prefix, x_suffix = _shared_prefix_block(blk, x_prefix, x_suffix, suffix_lens, heads)
-        eot_rows = x_suffix[:, torch.arange(C, device=x_suffix.device), prompts.eot - P]
-        if eot_rows.shape[0] != G:
-            eot_rows = eot_rows.expand(G, -1, -1)
+            # the last block's prefix output is never read: only its keys/values are
+            x_prefix, k_p, v_p = _prefix_block(blk, x_prefix, heads, need_output=i < last)
+            for entry in suffixes:
+                entry[0] = _suffix_block(blk, entry[0], k_p, v_p, entry[1], heads)
+        rows = []
+        for x, _, eot in suffixes:
+            r = x[:, torch.arange(x.shape[1], device=x.device), eot]
+            rows.append(r.expand(G, -1, -1) if r.shape[0] != G else r)
+        eot_rows = torch.cat(rows, dim=1).index_select(1, prompts.bucket_order)
         return tower.project(eot_rows)
 
 
@@ -235,27 +302,33 @@ def _split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Ten
     return q, k, v
 
 
-def _shared_prefix_block(blk: nn.Module, x_prefix: torch.Tensor, x_suffix: torch.Tensor,
-                         suffix_lens: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One residual block over the prefix (G, P, D) and the suffixes (G or 1, C, S, D)."""
+def _prefix_block(blk: nn.Module, x_prefix: torch.Tensor, heads: int, need_output: bool = True):
+    """One residual block over the shared prefix (G, P, D); returns (output or None, keys, values)."""
     attn = blk.attn
     G, P, D = x_prefix.shape
-    head_dim = D // heads
-
     h = _layer_norm(blk.ln_1, x_prefix)
     q_p, k_p, v_p = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G P H d
+    if not need_output:
+        return None, k_p, v_p
     o = F.scaled_dot_product_attention(q_p.transpose(1, 2).float(), k_p.transpose(1, 2).float(),
                                        v_p.transpose(1, 2).float(), is_causal=True)
     o = o.transpose(1, 2).reshape(G, P, D).to(x_prefix.dtype)
-    new_prefix = x_prefix + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias))
-    new_prefix = new_prefix + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, new_prefix)))
+    out = x_prefix + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias)).to(x_prefix.dtype)
+    out = out + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, out))).to(out.dtype)
+    return out, k_p, v_p
 
+
+def _suffix_block(blk: nn.Module, x_suffix: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor,
+                  suffix_lens: torch.Tensor, heads: int) -> torch.Tensor:
+    """One residual block over suffixes (G or 1, C, S, D) attending to the prefix keys/values (G, P, H, d)."""
+    attn = blk.attn
+    G, D = k_p.shape[0], x_suffix.shape[-1]
     h = _layer_norm(blk.ln_1, x_suffix)
     q_s, k_s, v_s = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G' C S H d
     if q_s.shape[0] != G:
         q_s, k_s, v_s = (t.expand(G, *t.shape[1:]) for t in (q_s, k_s, v_s))
-    o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(head_dim))
+    o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(D // heads))
     C, S = o.shape[1], o.shape[2]
-    new_suffix = x_suffix + blk.ls_1(F.linear(o.reshape(G, C, S, D), attn.out_proj.weight, attn.out_proj.bias))
-    new_suffix = new_suffix + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, new_suffix)))
-    return new_prefix, new_suffix
+    out = x_suffix + blk.ls_1(F.linear(o.reshape(G, C, S, D), attn.out_proj.weight, attn.out_proj.bias))
+    out = out.to(x_suffix.dtype)
+    return out + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, out))).to(out.dtype)

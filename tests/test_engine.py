@@ -172,3 +172,50 @@ def test_layer_prompts_overwrite_prefix_positions():
     gn = torch.autograd.grad(naive.pow(2).sum(), list(deep.values()))
     for a, b in zip(gf, gn):
         assert _rel(a, b) < 1e-5
+
+
+def _padded_tokens(buckets):
+    return sum(len(members) * length for members, length in buckets)
+
+
+def test_length_buckets_are_optimal_and_cover_every_class():
+    import itertools
+    import random
+
+    from promptcore.engine import length_buckets
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 15))]
+        for k in (1, 2, 3):
+            buckets = length_buckets(lengths, k)
+            assert len(buckets) <= k
+            assert sorted(c for members, _ in buckets for c in members) == list(range(len(lengths)))
+            assert all(lengths[c] <= length for members, length in buckets for c in members)
+            distinct = sorted(set(lengths))
+            best = min(  # brute force: every split of the sorted distinct lengths into at most k runs
+                _split_cost(lengths, distinct, cuts)
+                for n in range(0, min(k, len(distinct)))
+                for cuts in itertools.combinations(range(1, len(distinct)), n)
+            )
+            assert _padded_tokens(buckets) == best
+
+
+def _split_cost(lengths, distinct, cuts):
+    bounds = (0,) + cuts + (len(distinct),)
+    total = 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        run = distinct[lo:hi]
+        total += sum(1 for x in lengths if x in run) * run[-1]
+    return total
+
+
+def test_buckets_cut_padding_and_keep_class_order():
+    names = read_classnames("stanford_cars")[:50] + ["x", "dog"]
+    coop = promptcore.CoOp(make_model(), names, n_ctx=4, seed=0)
+    prompts = coop.prompt_learner.prompts
+    assert len(prompts.buckets) > 1
+    fast_tokens, _ = prompts.live_tokens
+    assert fast_tokens < prompts.prefix_len + len(names) * prompts.suffix_len
+    fast, naive, g_fast, g_naive = _fast_and_naive(coop)
+    assert _rel(fast, naive) < 1e-5 and _rel(g_fast, g_naive) < 1e-5
