@@ -194,7 +194,7 @@ class CoCoOp(PromptModule):
                 or image_features.shape[1] != self.vis_dim:
             shape = tuple(image_features.shape) if isinstance(image_features, torch.Tensor) else type(image_features)
             raise ValueError(f"image features must be (B, {self.vis_dim}), got {shape}")
-        if len(image_features) == 0:
+        if image_features.shape[0] == 0:  # not len(): it would fix the batch size when traced
             raise ValueError("image features hold no images (B = 0)")
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")

@@ -68,12 +68,17 @@ class PromptSet(nn.Module):
         keep = prefix_len + self.suffix_len
         with torch.no_grad():
             self.register_buffer("token_embeds", tower.token_embedding(ids[:, :keep]), persistent=False)
-        self.buckets: List[Tuple[torch.Tensor, int]] = []
+        # Which positions hold context, decided once here as Python values: the encoders branch on
+        # them, and a data-dependent branch cannot be traced for export.
+        is_ctx = (slots >= 0).cpu()
+        self._ctx_columns = is_ctx.any(dim=0).tolist()
+        self.buckets: List[Tuple[str, int, bool]] = []
         for i, (members, length) in enumerate(length_buckets((eot - prefix_len + 1).tolist(), max_buckets)):
             name = f"bucket{i}"
             self.register_buffer(name, torch.tensor(members, dtype=torch.long, device=device), persistent=False)
-            self.buckets.append((name, length))
-        self.register_buffer("bucket_order", torch.argsort(torch.cat([getattr(self, n) for n, _ in self.buckets])),
+            has_ctx = bool(is_ctx[members, prefix_len:prefix_len + length].any())
+            self.buckets.append((name, length, has_ctx))
+        self.register_buffer("bucket_order", torch.argsort(torch.cat([getattr(self, b[0]) for b in self.buckets])),
                              persistent=False)
 
     @property
@@ -83,15 +88,16 @@ class PromptSet(nn.Module):
     @property
     def live_tokens(self) -> Tuple[int, int]:
         """(tokens per layer on the fast path for one group, tokens per layer on the naive path)."""
-        suffix = sum(getattr(self, name).numel() * length for name, length in self.buckets)
+        suffix = sum(getattr(self, name).numel() * length for name, length, _ in self.buckets)
         return self.prefix_len + suffix, self.num_classes * self.ids.shape[1]
 
     def bucket_views(self):
-        """(class indices, suffix length) of each length bucket, on the prompts' device."""
-        return [(getattr(self, name), length) for name, length in self.buckets]
+        """(class indices, suffix length, holds context) of each length bucket, on the prompts' device."""
+        return [(getattr(self, name), length, has_ctx) for name, length, has_ctx in self.buckets]
 
     def has_ctx(self, start: int, stop: int) -> bool:
-        return bool((self.slots[:, start:stop] >= 0).any())
+        """Whether any prompt has a context slot in positions [start, stop)."""
+        return any(self._ctx_columns[start:stop])
 
 
 def length_buckets(lengths: Sequence[int], max_buckets: int = 4) -> List[Tuple[List[int], int]]:
@@ -159,8 +165,6 @@ def _overwrite(x: torch.Tensor, positions: Sequence[int], values: torch.Tensor) 
     """Out-of-place ``x[:, positions] = values`` for x (N, L, D); values (K, D) or (N, K, D)."""
     index = torch.as_tensor(list(positions), device=x.device)
     values = values.to(x.dtype)
-    if values.dim() == 3 and values.shape[0] != x.shape[0]:
-        x = x.expand(values.shape[0], -1, -1)
     if values.dim() == 2:
         values = values.unsqueeze(0).expand(x.shape[0], -1, -1)
     return x.index_copy(1, index, values)
@@ -249,25 +253,34 @@ class TextEngine:
         if layout == "class" and prompts.has_ctx(0, P):
             raise ValueError("class-specific context cannot sit in the shared prefix")
 
-        prefix_ctx = ctx if prompts.has_ctx(0, P) else None
+        # Which tensors carry one copy per group is known from the arguments; deciding it from
+        # shapes would specialise the batch axis when the graph is traced for export.
+        group_source = None
+        if ctx is not None and layout == "group":
+            group_source = ctx
+        elif bias is not None:
+            group_source = bias
+        deep_groups = layer_prompts is not None and any(v.dim() == 3 for v in layer_prompts.values.values())
+        if group_source is None and deep_groups:
+            group_source = next(v for v in layer_prompts.values.values() if v.dim() == 3)
+        G = group_source.shape[0] if group_source is not None else 1
+        ctx_grouped = ctx is not None and (layout == "group" or bias is not None)
+
+        prefix_has_ctx = prompts.has_ctx(0, P)
         prefix_layout = "shared" if layout == "class" else layout
-        x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P], prefix_ctx,
-                                    bias if prefix_ctx is not None else None, prefix_layout)[:, 0]
-        suffixes = []  # per length bucket: (hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows)
-        for members, length in prompts.bucket_views():
-            has_ctx = bool((prompts.slots[members, P:P + length] >= 0).any())
+        x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P], ctx if prefix_has_ctx else None,
+                                    bias if prefix_has_ctx else None, prefix_layout)[:, 0]
+        if group_source is not None and not (prefix_has_ctx and ctx_grouped):
+            x_prefix = x_prefix.expand(G, -1, -1)
+        suffixes = []  # per length bucket: [hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows, grouped]
+        for members, length, has_ctx in prompts.bucket_views():
             bucket_ctx = ctx if has_ctx else None
             if bucket_ctx is not None and layout == "class":
                 bucket_ctx = ctx[members]
             x = assemble_prompts(tokens[members, P:P + length], prompts.slots[members, P:P + length],
                                  pos[P:P + length], bucket_ctx, bias if has_ctx else None, layout)
             eot = prompts.eot[members] - P
-            suffixes.append([x, eot + 1, eot])
-        G = max([x_prefix.shape[0]] + [x.shape[0] for x, _, _ in suffixes])
-        if layer_prompts is not None:
-            G = max([G] + [v.shape[0] for v in layer_prompts.values.values() if v.dim() == 3])
-        if x_prefix.shape[0] != G:
-            x_prefix = x_prefix.expand(G, -1, -1)
+            suffixes.append([x, eot + 1, eot, has_ctx and ctx_grouped])
         heads = tower.heads
         last = len(tower.blocks) - 1
         for i, blk in enumerate(tower.blocks):
@@ -276,11 +289,12 @@ class TextEngine:
             # the last block's prefix output is never read: only its keys/values are
             x_prefix, k_p, v_p = _prefix_block(blk, x_prefix, heads, need_output=i < last)
             for entry in suffixes:
-                entry[0] = _suffix_block(blk, entry[0], k_p, v_p, entry[1], heads)
+                entry[0] = _suffix_block(blk, entry[0], k_p, v_p, entry[1], heads, grouped=entry[3])
+                entry[3] = True  # after attending to its group's prefix, every suffix is per group
         rows = []
-        for x, _, eot in suffixes:
+        for x, _, eot, grouped in suffixes:
             r = x[:, torch.arange(x.shape[1], device=x.device), eot]
-            rows.append(r.expand(G, -1, -1) if r.shape[0] != G else r)
+            rows.append(r if grouped else r.expand(G, -1, -1))
         eot_rows = torch.cat(rows, dim=1).index_select(1, prompts.bucket_order)
         return tower.project(eot_rows)
 
@@ -319,13 +333,16 @@ def _prefix_block(blk: nn.Module, x_prefix: torch.Tensor, heads: int, need_outpu
 
 
 def _suffix_block(blk: nn.Module, x_suffix: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor,
-                  suffix_lens: torch.Tensor, heads: int) -> torch.Tensor:
-    """One residual block over suffixes (G or 1, C, S, D) attending to the prefix keys/values (G, P, H, d)."""
+                  suffix_lens: torch.Tensor, heads: int, grouped: bool = True) -> torch.Tensor:
+    """One residual block over suffixes attending to the prefix keys/values (G, P, H, d).
+
+    ``x_suffix`` is (G, C, S, D), or (1, C, S, D) shared by every group when ``grouped`` is False.
+    """
     attn = blk.attn
     G, D = k_p.shape[0], x_suffix.shape[-1]
     h = _layer_norm(blk.ln_1, x_suffix)
     q_s, k_s, v_s = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G' C S H d
-    if q_s.shape[0] != G:
+    if not grouped:
         q_s, k_s, v_s = (t.expand(G, *t.shape[1:]) for t in (q_s, k_s, v_s))
     o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(D // heads))
     C, S = o.shape[1], o.shape[2]

@@ -163,3 +163,39 @@ def test_new_classes_are_allowed_on_request(tiny_release):
     args[args.index("--classnames") + 1] = str(other)
     assert main(args) == 0
     assert read_metadata(out / "model.onnx")["classnames"] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_maple_export_matches_pytorch(tmp_path, dtype):
+    maple = promptcore.MaPLe(make_model(), MIXED_NAMES, depth=2, seed=0).eval()
+    with torch.no_grad():  # learned-looking prompts, so the visual prompts matter
+        for p in maple.prompt_learner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    report = to_onnx(maple, tmp_path / "maple.onnx", dtype=dtype)
+    assert report.top1_agreement == 1.0
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    (logits,) = _ort_logits(tmp_path / "maple.onnx", images.half() if dtype == "fp16" else images)
+    with torch.no_grad():
+        expected = maple(images)
+        bare = promptcore.CoOp(maple.model, MIXED_NAMES, n_ctx=2)(images)
+    tol = (1e-4 if dtype == "fp32" else 3e-2) * expected.abs().max().item()
+    np.testing.assert_allclose(logits.astype(np.float32), expected.numpy(), atol=tol)
+    assert np.abs(logits.astype(np.float32) - bare.numpy()).max() > 10 * tol  # the visual prompts are in the graph
+    assert read_metadata(tmp_path / "maple.onnx")["options"]["depth"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cocoop_export_keeps_text_side_in_graph(tmp_path, dtype):
+    import onnx
+
+    cocoop = promptcore.CoCoOp(make_model(), MIXED_NAMES, seed=0).eval()
+    report = to_onnx(cocoop, tmp_path / "cocoop.onnx", dtype=dtype, batch_sizes=(1, 2))
+    assert report.top1_agreement == 1.0
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    (logits,) = _ort_logits(tmp_path / "cocoop.onnx", images.half() if dtype == "fp16" else images)
+    with torch.no_grad():
+        expected = cocoop(images, text_path="naive")  # the official per-image loop
+    tol = (1e-4 if dtype == "fp32" else 3e-2) * expected.abs().max().item()
+    np.testing.assert_allclose(logits.astype(np.float32), expected.float().numpy(), atol=tol)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "cocoop.onnx")).graph.node}
+    assert "ArgMax" not in ops  # EOT positions are constants, not computed from token ids
