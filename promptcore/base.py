@@ -133,6 +133,10 @@ class PromptModule(nn.Module):
         tensors, meta = read_prompt_file(path)
         if meta["method"] != self.method:
             raise CheckpointError(f"{path} holds {meta['method']} prompts, this module is {self.method}")
+        unexpected = sorted(set(tensors) - set(self.prompt_learner.state_dict()))
+        if unexpected:  # e.g. a deeper MaPLe file: loading only the common part would be wrong
+            raise CheckpointError(f"{path} holds tensors this {type(self).__name__} does not have: "
+                                  f"{', '.join(unexpected)}")
         self._load_learner_state(tensors, path)
         return meta
 

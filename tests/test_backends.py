@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model
+from helpers import make_model
 
 import promptcore
 from promptcore.kernels import triton_available

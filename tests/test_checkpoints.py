@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, make_model
 
 import promptcore
 from promptcore.checkpoints import CheckpointError, UnsafeCheckpointError, read_prompt_file
@@ -177,3 +177,15 @@ def test_prompt_file_errors_change_nothing(tmp_path):
     dassl = write_dassl_checkpoint(tmp_path, {"ctx": torch.randn(4, 64)})
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         coop.load(dassl)
+
+
+def test_prompt_file_with_extra_tensors_is_refused(tmp_path):
+    from promptcore.checkpoints import save_prompt_file
+
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0)
+    path = save_prompt_file(tmp_path / "p.safetensors", {"ctx": torch.randn(4, 64), "extra": torch.zeros(2)},
+                            "coop", coop.options(), MIXED_NAMES)
+    before = coop.prompt_learner.ctx.detach().clone()
+    with pytest.raises(CheckpointError, match="does not have: extra"):
+        coop.load(path)
+    assert torch.equal(coop.prompt_learner.ctx.detach(), before)

@@ -3,7 +3,7 @@
 import open_clip
 import pytest
 import torch
-from conftest import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, make_model
 
 import promptcore
 from promptcore.kernels import assemble_prompts

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MIXED_NAMES, make_model, read_classnames
+from helpers import MIXED_NAMES, make_model, read_classnames
 
 import promptcore
 from promptcore import LayerPrompts, PromptSet, TextEngine

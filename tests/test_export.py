@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, make_model
 from test_checkpoints import write_dassl_checkpoint
 
 import promptcore

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import MIXED_NAMES, make_model, read_classnames
+from helpers import MIXED_NAMES, make_model, read_classnames
 from test_checkpoints import write_dassl_checkpoint
 
 import promptcore

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, make_model
 from test_checkpoints import write_dassl_checkpoint
 
 import promptcore

@@ -10,11 +10,6 @@ the collection order.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("PROMPTCORE_BACKEND", "triton")
-
-import functools  # noqa: E402
-import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -29,27 +24,3 @@ def triton_backend(monkeypatch):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# pytest imports every conftest.py under the module name "conftest", so once this one is loaded,
-# `from conftest import helper` in tests/*.py finds this module. Forward the names it lacks to
-# tests/conftest.py (loaded once, lazily, under a private name) so those imports keep working.
-_NOT_FORWARDED = ("__", "pytest_", "collect_ignore")
-
-
-@functools.lru_cache(maxsize=1)
-def _root_conftest():
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_promptcore_tests_root_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def __getattr__(name):
-    if not name.startswith(_NOT_FORWARDED):
-        try:
-            return getattr(_root_conftest(), name)
-        except (AttributeError, FileNotFoundError):
-            pass
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
