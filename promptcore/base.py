@@ -11,8 +11,8 @@ import torch.nn as nn
 from promptcore.kernels import cosine_logits
 
 from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
-from .engine import TextEngine
-from .prompts import default_tokenizer
+from .engine import PromptSet, TextEngine
+from .prompts import clean_classnames, context_prompts, default_tokenizer
 
 
 def _image_size(model: nn.Module) -> Optional[tuple]:
@@ -88,6 +88,29 @@ class PromptModule(nn.Module):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """``exp(logit_scale) * normalize(img) @ normalize(txt).T`` in the image features' dtype."""
         return cosine_logits(image_features, text_features, self.model.logit_scale)
+
+    # -- class list ----------------------------------------------------------------------------
+
+    def _install_prompts(self, classnames: Sequence[str], class_token_position: str = "end",
+                         ctx_layout: str = "shared") -> None:
+        """Build the prompt set of ``classnames`` around the learned context and make it current.
+
+        Needs ``n_ctx`` and ``prompt_prefix`` set; raises before changing anything on bad names.
+        """
+        names = clean_classnames(classnames)
+        tower = self.engine.tower
+        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
+                                class_token_position, raw_names=list(classnames))
+        self.prompt_learner.prompts = PromptSet(tower, built.ids, built.slots, ctx_layout)
+        self.classnames = list(classnames)
+        self.name_lens = built.name_lens
+        self._classes_version += 1
+        self.clear_cache()
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
+        return self.prompt_learner.prompts.ids
 
     # -- text features and their cache ------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .base import PromptModule
 from .checkpoints import check_method, official_state_dict
 from .engine import PromptSet
-from .prompts import clean_classnames, context_prompts, init_context
+from .prompts import clean_classnames, init_context
 
 # Saved by the official trainer (embeddings of the training classes) and dropped on load, as officially.
 _FIXED_TOKEN_KEYS = ("token_prefix", "token_suffix")
@@ -132,21 +132,7 @@ class CoCoOp(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Swap the class list (base-to-new evaluation); the learned ctx and meta-net are kept."""
-        names = clean_classnames(classnames)
-        tower = self.engine.tower
-        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
-                                "end", raw_names=list(classnames))
-        prompts = PromptSet(tower, built.ids, built.slots, "shared")
-        self.prompt_learner.prompts = prompts
-        self.classnames = list(classnames)
-        self.name_lens = built.name_lens
-        self._classes_version += 1
-        self.clear_cache()
-
-    @property
-    def tokenized_prompts(self) -> torch.Tensor:
-        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
-        return self.prompt_learner.prompts.ids
+        self._install_prompts(classnames, "end", "shared")
 
     # -- text side ----------------------------------------------------------------------------
 

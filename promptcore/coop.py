@@ -10,7 +10,7 @@ import torch.nn as nn
 from .base import PromptModule
 from .checkpoints import CheckpointError, check_method, official_state_dict
 from .engine import PromptSet
-from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, context_prompts, init_context
+from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 
 
 class CoOpPromptLearner(nn.Module):
@@ -74,20 +74,7 @@ class CoOp(PromptModule):
         if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
             raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        tower = self.engine.tower
-        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
-                                self.class_token_position, raw_names=list(classnames))
-        prompts = PromptSet(tower, built.ids, built.slots, "class" if self.csc else "shared")
-        self.prompt_learner.prompts = prompts
-        self.classnames = list(classnames)
-        self.name_lens = built.name_lens
-        self._classes_version += 1
-        self.clear_cache()
-
-    @property
-    def tokenized_prompts(self) -> torch.Tensor:
-        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
-        return self.prompt_learner.prompts.ids
+        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared")
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from .base import PromptModule
 from .checkpoints import CheckpointError, check_method, official_state_dict
 from .engine import LayerPrompts, PromptSet
-from .prompts import clean_classnames, context_prompts, count_tokens, tokenize
+from .prompts import clean_classnames, count_tokens, tokenize
 from .tower import UnsupportedModelError
 
 # Official MaPLe uses the init phrase only for short contexts (``if ctx_init and n_ctx <= 4``).
@@ -221,21 +221,7 @@ class MaPLe(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Swap the class list (e.g. base-to-new evaluation)."""
-        names = clean_classnames(classnames)
-        tower = self.engine.tower
-        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
-                                "end", raw_names=list(classnames))
-        prompts = PromptSet(tower, built.ids, built.slots, "shared")
-        self.prompt_learner.prompts = prompts
-        self.classnames = list(classnames)
-        self.name_lens = built.name_lens
-        self._classes_version += 1
-        self.clear_cache()
-
-    @property
-    def tokenized_prompts(self) -> torch.Tensor:
-        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
-        return self.prompt_learner.prompts.ids
+        self._install_prompts(classnames, "end", "shared")
 
     # -- encoding -----------------------------------------------------------------------------
 

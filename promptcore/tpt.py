@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .base import PromptModule
 from .checkpoints import CheckpointError, check_method, detect_method, official_state_dict, read_prompt_file
 from .engine import PromptSet
-from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, context_prompts, init_context
+from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 
 PRECISIONS = ("amp", "native")
 MODES = ("tpt", "zero")
@@ -296,15 +296,7 @@ class TPT(PromptModule):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Swap the class list."""
-        names = clean_classnames(classnames)
-        tower = self.engine.tower
-        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
-                                self.class_token_position, raw_names=list(classnames))
-        self.prompt_learner.prompts = PromptSet(tower, built.ids, built.slots, "group")
-        self.classnames = list(classnames)
-        self.name_lens = built.name_lens
-        self._classes_version += 1
-        self.clear_cache()
+        self._install_prompts(classnames, self.class_token_position, "group")
 
     @property
     def num_classes(self) -> int:
