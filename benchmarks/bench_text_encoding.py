@@ -34,16 +34,21 @@ def run(args) -> list:
             coop = CoOp(model, names[:num_classes], tokenizer=tokenizer, n_ctx=n_ctx, seed=0)
             live_fast, live_naive = coop.prompt_learner.prompts.live_tokens
             ctx = coop.prompt_learner.ctx
+            encoders = {"naive": lambda: coop.encode_text("naive"), "fast": lambda: coop.encode_text("fast")}
+            if args.compile:  # the official computation under torch.compile (PyTorch ops only while compiling)
+                prompts = coop.prompt_learner.prompts
+                compiled = torch.compile(lambda c: coop.engine.encode_naive(prompts, c)[0])
+                encoders["naive_compiled"] = lambda: compiled(ctx)
             for mode in args.modes:
                 timings = {}
-                for path in ("naive", "fast"):
+                for path, encode in encoders.items():
                     if mode == "fwd":
-                        def fn(path=path):
+                        def fn(encode=encode):
                             with torch.no_grad():
-                                return coop.encode_text(path)
+                                return encode()
                     else:
-                        def fn(path=path):
-                            feats = coop.encode_text(path)
+                        def fn(encode=encode):
+                            feats = encode()
                             (grad,) = torch.autograd.grad(feats.float().pow(2).sum(), ctx)
                             return grad
                     timings[path] = measure(fn, device, args.repeats, args.warmup)
@@ -51,14 +56,19 @@ def run(args) -> list:
                        "dataset": args.dataset, "classes": num_classes, "n_ctx": n_ctx, "mode": mode,
                        "live_tokens_naive": live_naive, "live_tokens_fast": live_fast,
                        "token_ratio": live_naive / live_fast,
-                       "naive": timings["naive"], "fast": timings["fast"],
+                       "timings": timings, "naive": timings["naive"], "fast": timings["fast"],
                        "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env}
+                if "naive_compiled" in timings:
+                    row["speedup_vs_compiled"] = timings["naive_compiled"]["median_s"] / timings["fast"]["median_s"]
                 rows.append(row)
                 print(f"{args.model} {args.precision} n_ctx={n_ctx:2d} classes={num_classes:5d} {mode:7s} "
                       f"tokens {live_naive}/{live_fast} = {row['token_ratio']:.1f}x  "
                       f"naive {timings['naive']['median_s'] * 1e3:9.2f} ms  "
                       f"fast {timings['fast']['median_s'] * 1e3:9.2f} ms"
-                      f"  speed-up {row['speedup']:.1f}x", flush=True)
+                      f"  speed-up {row['speedup']:.1f}x"
+                      + (f"  (naive compiled {timings['naive_compiled']['median_s'] * 1e3:.2f} ms, "
+                         f"speed-up {row['speedup_vs_compiled']:.1f}x)" if "naive_compiled" in timings else ""),
+                      flush=True)
     return rows
 
 
@@ -75,12 +85,15 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (GPU), 3 (CPU)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the naive path under torch.compile (default: on for CUDA)")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.precision = args.precision or ("fp16" if gpu else "fp32")
     args.classes = args.classes or ([10, 100, 1000] if gpu else [10, 100, 200])
     args.repeats = args.repeats or (20 if gpu else 3)
+    args.compile = gpu if args.compile is None else args.compile
     rows = run(args)
     if not args.no_save:
         print(f"rows appended to {append_rows('text_encoding.jsonl', rows)}")

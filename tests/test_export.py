@@ -199,3 +199,24 @@ def test_cocoop_export_keeps_text_side_in_graph(tmp_path, dtype):
     np.testing.assert_allclose(logits.astype(np.float32), expected.float().numpy(), atol=tol)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "cocoop.onnx")).graph.node}
     assert "ArgMax" not in ops  # EOT positions are constants, not computed from token ids
+
+
+def test_large_models_use_external_data(tmp_path, monkeypatch):
+    from promptcore.export import onnx_export
+    from promptcore.export.serving import write_triton_repository
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 1024)  # treat the tiny model as "over 2 GB"
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0).eval()
+    report = to_onnx(coop, tmp_path / "big.onnx")
+    assert report.external_data and report.top1_agreement == 1.0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx.data").stat().st_size > (tmp_path / "big.onnx").stat().st_size
+    images = torch.randn(2, 3, 32, 32)
+    (logits,) = _ort_logits(tmp_path / "big.onnx", images)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, coop(images).numpy(), atol=1e-4)
+    folder = write_triton_repository(tmp_path / "repo", tmp_path / "big.onnx", "big", MIXED_NAMES)
+    assert sorted(p.name for p in (folder / "1").iterdir()) == ["big.onnx.data", "model.onnx"]
+    (served,) = _ort_logits(folder / "1" / "model.onnx", images)
+    np.testing.assert_allclose(served, logits)
