@@ -35,7 +35,8 @@ def run_demo(model_name="ViT-B-16", pretrained=None, dataset="imagenet", num_cla
     log(f"model {model_name} ({'random weights' if pretrained is None else pretrained}), {precision}, {device}; "
         f"{len(names)} {dataset} classes, n_ctx={coop.n_ctx}")
     log(f"tokens per layer: naive {live_naive}, fast {live_fast} "
-        f"(prefix {prompts.prefix_len} + {len(names)} x suffix {prompts.suffix_len}), "
+        f"(prefix {prompts.prefix_len} + {len(names)} suffixes of up to {prompts.suffix_len} tokens in "
+        f"{len(prompts.buckets)} length buckets), "
         f"ratio {live_naive / live_fast:.1f}x")
 
     size = model.visual.image_size
