@@ -41,6 +41,7 @@ from .base import PromptModule
 from .checkpoints import CheckpointError, check_method, detect_method, official_state_dict, read_prompt_file
 from .engine import PromptSet
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
+from .views import as_image_list
 
 PRECISIONS = ("amp", "native")
 MODES = ("tpt", "zero")
@@ -457,7 +458,7 @@ class TPT(PromptModule):
 
     def predict_logits(self, images, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """TPT logits (N, n_cls) of raw images (see :meth:`predict`)."""
-        images = _as_image_list(images)
+        images = as_image_list(images)
         generator = generator if generator is not None else self._default_generator()
         out = []
         for start in range(0, len(images), self.batch_size):
@@ -476,7 +477,7 @@ class TPT(PromptModule):
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "zero":
             _check_fraction(zero_selection)
-        images = _as_image_list(images)
+        images = as_image_list(images)
         generator = generator if generator is not None else self._default_generator()
         preds = []
         for start in range(0, len(images), self.batch_size):
@@ -620,26 +621,6 @@ def _model_image_size(model: nn.Module) -> int:
             raise ValueError(f"non-square image size {tuple(size)} is not supported for view making")
         size = size[0]
     return int(size)
-
-
-def _as_image_list(images) -> List[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        if images.dim() == 3:
-            raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got one image of shape "
-                             f"{tuple(images.shape)}; add a batch dimension")
-        if images.dim() != 4:
-            raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got shape {tuple(images.shape)}")
-        images = list(images.unbind(0))
-    images = list(images)
-    if not images:
-        raise ValueError("no images given")
-    for i, img in enumerate(images):
-        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
-            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise ValueError(f"image {i} must be a (3, H, W) tensor, got {shape}")
-        if img.dtype != torch.uint8 and not img.is_floating_point():
-            raise TypeError(f"image {i} must be uint8 (0..255) or floating point (0..1), got {img.dtype}")
-    return images
 
 
 def load_image(path, device="cpu") -> torch.Tensor:

@@ -30,7 +30,7 @@ convention) -- close to, not bit-equal with, PIL's affine transform.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,18 +96,12 @@ def center_view(image: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(out, [size, size])
 
 
-def make_views(images: Union[torch.Tensor, Sequence[torch.Tensor]], n_views: int, size: int,
-               generator: Optional[torch.Generator] = None, augmix: bool = False, severity: int = 1,
-               mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """Normalised views (N, n_views, 3, size, size) float32 of raw images, view 0 the center view.
-
-    ``images``: (N, 3, H, W) or a list of (3, H, W) tensors (sizes may differ), uint8 0..255 or float
-    0..1, all on one device; the views are made there. Random numbers come from ``generator`` (a
-    CPU ``torch.Generator``; the same seed gives the same views on any device).
-    """
-    if n_views < 1:
-        raise ValueError(f"n_views must be >= 1, got {n_views}")
+def as_image_list(images) -> List[torch.Tensor]:
+    """Validate raw images, (N, 3, H, W) or a list of (3, H, W) on one device, and return them as a list."""
     if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got one image of shape "
+                             f"{tuple(images.shape)}; add a batch dimension")
         if images.dim() != 4:
             raise ValueError(f"images must be (N, 3, H, W) or a list of (3, H, W), got shape {tuple(images.shape)}")
         images = list(images.unbind(0))
@@ -122,6 +116,21 @@ def make_views(images: Union[torch.Tensor, Sequence[torch.Tensor]], n_views: int
             raise TypeError(f"image {i} must be uint8 (0..255) or floating point (0..1), got {img.dtype}")
         if img.device != images[0].device:
             raise ValueError(f"image {i} is on {img.device}, image 0 on {images[0].device}")
+    return images
+
+
+def make_views(images: Union[torch.Tensor, Sequence[torch.Tensor]], n_views: int, size: int,
+               generator: Optional[torch.Generator] = None, augmix: bool = False, severity: int = 1,
+               mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """Normalised views (N, n_views, 3, size, size) float32 of raw images, view 0 the center view.
+
+    ``images``: (N, 3, H, W) or a list of (3, H, W) tensors (sizes may differ), uint8 0..255 or float
+    0..1, all on one device; the views are made there. Random numbers come from ``generator`` (a
+    CPU ``torch.Generator``; the same seed gives the same views on any device).
+    """
+    if n_views < 1:
+        raise ValueError(f"n_views must be >= 1, got {n_views}")
+    images = as_image_list(images)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = images[0].device
     out = []
