@@ -17,10 +17,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure  # noqa: E402
+from common import append_rows, environment, measure, measure_peaks  # noqa: E402
 
 from promptcore import CoOp  # noqa: E402
 from promptcore.models import builtin_classnames, load_model  # noqa: E402
+
+
+def _layer_flops(width: int, queries_keys) -> float:
+    """Model FLOPs of one block: 24 D^2 per token for the four projections, 4 D per (query, key) pair."""
+    return sum(24 * width * width + 4 * width * keys for keys in queries_keys)
+
+
+def encode_flops(prompts, width: int, layers: int, path: str) -> float:
+    """Forward model FLOPs of encoding a prompt set on the naive or fast path (projections excluded)."""
+    if path.startswith("naive"):
+        length = prompts.ids.shape[1]
+        return layers * prompts.num_classes * _layer_flops(width, range(1, length + 1))
+    P = prompts.prefix_len
+    total = _layer_flops(width, range(1, P + 1))
+    for members, length, _ in prompts.bucket_views():
+        total += members.numel() * _layer_flops(width, range(P + 1, P + length + 1))
+    return layers * total
 
 
 def run(args) -> list:
@@ -28,6 +45,12 @@ def run(args) -> list:
     model, tokenizer = load_model(args.model, None, device, args.precision)
     names = builtin_classnames(args.dataset)
     env = environment(device)
+    peaks = measure_peaks(device)
+    env.update(peaks)
+    print(f"peaks measured in this run: {peaks['peak_tflops']:.2f} TFLOP/s ({peaks['peak_matmul_dtype']} matmul), "
+          f"{peaks['peak_gbps']:.0f} GB/s (copy)")
+    transformer = model.transformer if hasattr(model, "transformer") else model.text.transformer
+    tower_width, tower_layers = transformer.width, len(transformer.resblocks)
     rows = []
     for n_ctx in args.n_ctx:
         for num_classes in args.classes:
@@ -52,6 +75,12 @@ def run(args) -> list:
                             (grad,) = torch.autograd.grad(feats.float().pow(2).sum(), ctx)
                             return grad
                     timings[path] = measure(fn, device, args.repeats, args.warmup)
+                    # fwd+bwd: frozen weights, so backward needs activation grads only, about one forward
+                    flops = encode_flops(coop.prompt_learner.prompts, tower_width, tower_layers, path)
+                    flops *= 1 if mode == "fwd" else 2
+                    timings[path]["model_flops"] = flops
+                    timings[path]["tflops"] = flops / timings[path]["median_s"] / 1e12
+                    timings[path]["fraction_of_peak"] = timings[path]["tflops"] / peaks["peak_tflops"]
                 row = {"bench": "text_encoding", "model": args.model, "precision": args.precision,
                        "dataset": args.dataset, "classes": num_classes, "n_ctx": n_ctx, "mode": mode,
                        "live_tokens_naive": live_naive, "live_tokens_fast": live_fast,
@@ -65,7 +94,8 @@ def run(args) -> list:
                       f"tokens {live_naive}/{live_fast} = {row['token_ratio']:.1f}x  "
                       f"naive {timings['naive']['median_s'] * 1e3:9.2f} ms  "
                       f"fast {timings['fast']['median_s'] * 1e3:9.2f} ms"
-                      f"  speed-up {row['speedup']:.1f}x"
+                      f"  speed-up {row['speedup']:.1f}x  fast at {timings['fast']['tflops']:.2f} TFLOP/s "
+                      f"({timings['fast']['fraction_of_peak'] * 100:.0f}% of peak)"
                       + (f"  (naive compiled {timings['naive_compiled']['median_s'] * 1e3:.2f} ms, "
                          f"speed-up {row['speedup_vs_compiled']:.1f}x)" if "naive_compiled" in timings else ""),
                       flush=True)

@@ -73,3 +73,20 @@ def append_rows(name: str, rows) -> Path:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")
     return path
+
+
+def measure_peaks(device: torch.device, smoke: bool = False) -> dict:
+    """Copy bandwidth and matmul throughput of this device, measured now (the peaks ratios refer to)."""
+    gpu = device.type == "cuda"
+    n_bytes = (1 << 20) if smoke else (1 << 30) if gpu else (1 << 26)
+    repeats = 20 if gpu and not smoke else 5
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    n = 256 if smoke else 8192 if gpu else 2048
+    mm_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    mm = measure(lambda: a @ b, device, repeats=repeats, warmup=2)
+    return {"peak_gbps": 2 * n_bytes / copy["median_s"] / 1e9, "peak_tflops": 2 * n**3 / mm["median_s"] / 1e12,
+            "peak_matmul_dtype": str(mm_dtype).replace("torch.", "")}

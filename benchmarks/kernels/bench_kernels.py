@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, environment, measure  # noqa: E402
+from common import RESULTS, environment, measure, measure_peaks  # noqa: E402
 
 KERNELS = ("cosine", "attention", "assembly")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -169,20 +169,6 @@ PROBLEMS = {"cosine": (cosine_problem, cosine_shapes), "attention": (attention_p
 
 # ----------------------------------------------------------------------------------------------
 # peaks measured in this run
-
-
-def measure_peaks(device, smoke: bool) -> dict:
-    n_bytes = (1 << 20) if smoke else (1 << 30)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = measure(lambda: dst.copy_(src), device, repeats=5 if smoke else 20, warmup=2)
-    n = 256 if smoke else 8192
-    mm_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=mm_dtype)
-    b = torch.randn(n, n, device=device, dtype=mm_dtype)
-    mm = measure(lambda: a @ b, device, repeats=5 if smoke else 20, warmup=2)
-    return {"peak_gbps": 2 * n_bytes / copy["median_s"] / 1e9, "peak_tflops": 2 * n**3 / mm["median_s"] / 1e12,
-            "peak_matmul_dtype": str(mm_dtype).replace("torch.", "")}
 
 
 # ----------------------------------------------------------------------------------------------
