@@ -209,7 +209,9 @@ class TextEngine:
         (G, K, D) per group. ``bias`` (G, D) is added to every context row of group g.
         """
         resolved = self.resolve_path(path)
-        if resolved == "fast" and prompts.prefix_len == 0:
+        # The fast path needs a shared prefix that holds every overwritten (deep-prompt) position.
+        outside = layer_prompts is not None and max(layer_prompts.positions, default=-1) >= prompts.prefix_len
+        if resolved == "fast" and (prompts.prefix_len == 0 or outside):
             resolved = "naive"
         if resolved == "fast":
             return self.encode_fast(prompts, ctx, bias, layer_prompts)

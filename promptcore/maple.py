@@ -231,14 +231,8 @@ class MaPLe(PromptModule):
     def encode_text(self, path: str = "auto") -> torch.Tensor:
         """Text features (n_cls, E) with the deep text prompts, through ``path`` ("auto", "fast", "naive")."""
         learner = self.prompt_learner
-        prompts = learner.prompts
         layer_prompts = learner.text_layer_prompts()
-        if layer_prompts is not None and prompts.prefix_len <= self.n_ctx and path != "naive":
-            # The deep prompts must sit inside the shared prefix for the fast path; always true for
-            # MaPLe's prompts (context tokens are identical across classes), kept as a guard.
-            self.engine.resolve_path(path)
-            path = "naive"
-        return self.engine.encode(prompts, learner.ctx, path=path, layer_prompts=layer_prompts)[0]
+        return self.engine.encode(learner.prompts, learner.ctx, path=path, layer_prompts=layer_prompts)[0]
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image features (B, E) with the shared and deep visual prompts (images cast to the model dtype)."""

@@ -219,3 +219,15 @@ def test_buckets_cut_padding_and_keep_class_order():
     assert fast_tokens < prompts.prefix_len + len(names) * prompts.suffix_len
     fast, naive, g_fast, g_naive = _fast_and_naive(coop)
     assert _rel(fast, naive) < 1e-5 and _rel(g_fast, g_naive) < 1e-5
+
+
+def test_layer_prompts_outside_the_prefix_use_the_full_path():
+    engine, prompts, ctx, gen = _group_setup(ctx_layout="shared")
+    deep = {1: 0.02 * torch.randn(2, 64, generator=gen)}
+    beyond = prompts.prefix_len  # the first suffix position: not shared, so not shortcut-able
+    layer_prompts = LayerPrompts(positions=[1, beyond], values=deep)
+    auto = engine.encode(prompts, ctx, layer_prompts=layer_prompts, path="auto")
+    naive = engine.encode(prompts, ctx, layer_prompts=layer_prompts, path="naive")
+    torch.testing.assert_close(auto, naive, rtol=0, atol=0)
+    wrong = engine.encode_fast(prompts, ctx, layer_prompts=LayerPrompts([1], {1: deep[1][:1]}))
+    assert _rel(wrong, naive) > 1e-4  # the shortcut would have missed the suffix overwrite
