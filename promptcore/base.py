@@ -156,16 +156,19 @@ class PromptModule(nn.Module):
         tensors, meta = read_prompt_file(path)
         if meta["method"] != self.method:
             raise CheckpointError(f"{path} holds {meta['method']} prompts, this module is {self.method}")
-        unexpected = sorted(set(tensors) - set(self.prompt_learner.state_dict()))
-        if unexpected:  # e.g. a deeper MaPLe file: loading only the common part would be wrong
-            raise CheckpointError(f"{path} holds tensors this {type(self).__name__} does not have: "
-                                  f"{', '.join(unexpected)}")
         self._load_learner_state(tensors, path)
         return meta
 
-    def _load_learner_state(self, state: Dict[str, torch.Tensor], source) -> None:
-        """Copy ``state`` into the prompt learner after checking every key and shape."""
+    def _load_learner_state(self, state: Dict[str, torch.Tensor], source, strict: bool = True) -> None:
+        """Copy ``state`` into the prompt learner after checking every key and shape.
+
+        ``strict`` refuses tensors the learner lacks (e.g. a deeper MaPLe file: loading only the common
+        part would be wrong); ``strict=False`` ignores them, as the official loaders do.
+        """
         own = self.prompt_learner.state_dict()
+        unexpected = sorted(set(state) - set(own))
+        if strict and unexpected:
+            raise CheckpointError(self._unexpected_message(unexpected, state, source))
         missing = sorted(set(own) - set(state))
         if missing:
             raise CheckpointError(f"{source} lacks {', '.join(missing)}")
@@ -177,6 +180,9 @@ class PromptModule(nn.Module):
             for key, target in own.items():
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
         self.clear_cache()
+
+    def _unexpected_message(self, unexpected, state: Dict[str, torch.Tensor], source) -> str:
+        return f"{source} holds tensors this {type(self).__name__} does not have: {', '.join(unexpected)}"
 
     def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
         return f"{source}: {key} has shape {got}, this {type(self).__name__} expects {want}"

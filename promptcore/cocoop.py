@@ -218,7 +218,7 @@ class CoCoOp(PromptModule):
         state, file, info = official_state_dict(path)
         check_method(state, "cocoop", file)
         learned = {k: v for k, v in state.items() if k not in _FIXED_TOKEN_KEYS}
-        self._load_learner_state(learned, file)
+        self._load_learner_state(learned, file, strict=False)  # extra keys ignored, as officially
         return {"file": str(file), "epoch": info.get("epoch")}
 
     def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:

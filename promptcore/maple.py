@@ -297,14 +297,10 @@ class MaPLe(PromptModule):
         if unexpected:
             raise CheckpointError(f"{source} holds prompt-learner keys MaPLe does not know: {', '.join(unexpected)}")
 
-    def _load_learner_state(self, state: Dict[str, torch.Tensor], source) -> None:
-        # A deeper file holds every key of a shallower module: refuse extra keys instead of dropping them.
-        unexpected = sorted(set(state) - set(self.prompt_learner.state_dict()))
-        if unexpected:
-            depth = 1 + len([k for k in state if k.startswith("compound_prompts_text.")])
-            raise CheckpointError(f"{source} holds {', '.join(unexpected[:4])}, which this MaPLe lacks "
-                                  f"(file depth {depth}, this module's depth {self.depth})")
-        super()._load_learner_state(state, source)
+    def _unexpected_message(self, unexpected, state: Dict[str, torch.Tensor], source) -> str:
+        depth = 1 + len([k for k in state if k.startswith("compound_prompts_text.")])
+        return (f"{source} holds {', '.join(unexpected[:4])}, which this MaPLe lacks "
+                f"(file depth {depth}, this module's depth {self.depth})")
 
     def _official_clip_tensors(self) -> Dict[str, torch.Tensor]:
         """This model's CLIP tensors under the official ``CustomCLIP`` names."""
