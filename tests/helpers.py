@@ -64,3 +64,58 @@ def make_model(kind: str = "quickgelu", dtype=torch.float32, seed: int = 0):
 
 MIXED_NAMES = ["dog", "great white shark", "tench", "a_very_long class name with many many words", "x",
                "Egyptian Mau", "2012 BMW M3 coupe"]
+
+
+# -- tolerances ----------------------------------------------------------------------------------
+# One rule for every numerical comparison (flash-attention's): a result computed in ``dtype`` is
+# compared with a higher-precision oracle, with the error scaled to the tensor (max abs error over
+# max abs value, never elementwise relative error on near-zero values), and may be at most about twice
+# the error of the official (naive) path computed in the same dtype against that oracle, plus a small
+# atol derived from the dtype and the reduction length: eps(dtype) * sqrt(K), the typical rounding
+# error of a length-K dot product.
+
+EPS = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64."""
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}"
+    scale = want.abs().max().item()
+    assert scale > 0, "the reference is all zeros: a scaled error means nothing here"
+    return (got - want).abs().max().item() / scale
+
+
+def default_atol(dtype: torch.dtype, reduction: int = 64) -> float:
+    """eps(dtype) * sqrt(reduction): the typical rounding error of a length-``reduction`` dot product."""
+    return EPS[dtype] * reduction ** 0.5
+
+
+def assert_within_naive_error(got, naive, oracle, *, dtype=None, reduction: int = 64, atol=None, name: str = ""):
+    """``got``'s scaled error against ``oracle`` is at most 2x the naive path's own, plus ``atol``.
+
+    ``got`` and ``naive`` are computed in ``dtype`` (default: ``got``'s); ``oracle`` in a higher precision.
+    """
+    dtype = dtype or got.dtype
+    atol = default_atol(dtype, reduction) if atol is None else atol
+    err, own = scaled_error(got, oracle), scaled_error(naive, oracle)
+    assert err <= 2 * own + atol, f"{name}: error {err:.3e} > 2 x the naive path's {own:.3e} + {atol:.1e}"
+
+
+def assert_close_scaled(got, want, *, dtype=None, reduction: int = 64, factor: float = 4.0, name: str = ""):
+    """Two computations of the same value in ``dtype`` agree to ``factor`` x default_atol (scaled error).
+
+    For results that differ only in summation order where no oracle is at hand; fast-vs-naive
+    checks use :func:`assert_within_naive_error` against a float64 oracle instead.
+    """
+    dtype = dtype or got.dtype
+    bound = factor * default_atol(dtype, reduction)
+    err = scaled_error(got, want)
+    assert err <= bound, f"{name}: scaled error {err:.3e} > {bound:.1e}"
+
+
+def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of a promptcore module (model and prompts): the naive path run on it is the oracle."""
+    import copy
+
+    return copy.deepcopy(module).double()
