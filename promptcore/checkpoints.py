@@ -74,13 +74,40 @@ class _StorageType:
         self.dtype = dtype
 
 
+class _CorruptTensor:
+    """Stands in for a tensor whose record does not fit its storage; the load names its key and fails."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    flat = storage
-    return flat.as_strided(tuple(size), tuple(stride), offset).clone()
+    size, stride = tuple(size), tuple(stride)
+    if isinstance(storage, _CorruptTensor):
+        return storage
+    if any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
+        return _CorruptTensor(f"has a negative size, stride or offset (size {size}, stride {stride})")
+    needed = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+    if needed > storage.numel():
+        return _CorruptTensor(f"needs {needed} elements of shape {size} but its storage holds {storage.numel()} "
+                              "(the file is truncated or corrupt)")
+    return storage.as_strided(size, stride, offset).clone()
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     return data
+
+
+def _find_corrupt(obj, where: str = ""):
+    """(key path, problem) of the first corrupt tensor in a loaded structure, or None."""
+    if isinstance(obj, _CorruptTensor):
+        return where or "<root>", obj.problem
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _find_corrupt(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -128,8 +155,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 raw = self._archive.read(f"{self._prefix}data/{key}")
             except KeyError as exc:
                 raise CheckpointError(f"{self._path} is truncated: storage {key} is missing") from exc
-            self._storages[key] = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else \
-                torch.empty(0, dtype=storage_type.dtype)
+            itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
+            if len(raw) % itemsize:
+                self._storages[key] = _CorruptTensor(f"lies in storage {key} of {len(raw)} bytes, not a whole "
+                                                     f"number of {storage_type.dtype} elements")
+            else:
+                self._storages[key] = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else \
+                    torch.empty(0, dtype=storage_type.dtype)
         return self._storages[key]
 
 
@@ -148,8 +180,19 @@ def read_torch_checkpoint(path) -> Any:
         byteorder = f"{prefix}byteorder"
         if byteorder in archive.namelist() and archive.read(byteorder).decode() != "little":
             raise CheckpointError(f"{path} was written on a big-endian machine; re-save it on little-endian")
-        data = archive.read(pickles[0])
-        return _RestrictedUnpickler(io.BytesIO(data), archive, prefix, path).load()
+        try:
+            data = archive.read(pickles[0])
+            loaded = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, path).load()
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError,
+                IndexError, KeyError, AttributeError, OSError) as exc:
+            raise CheckpointError(f"{path} is corrupt: reading its records failed ({type(exc).__name__}: {exc})") \
+                from exc
+    corrupt = _find_corrupt(loaded)
+    if corrupt:
+        raise CheckpointError(f"{path}: tensor {corrupt[0]} {corrupt[1]}")
+    return loaded
 
 
 def resolve_checkpoint(path) -> Path:
@@ -191,6 +234,23 @@ def official_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Path, Dict[str, 
         info["full_model_keys"] = {k: v for k, v in state.items() if not k.startswith("prompt_learner.")}
         state = learner
     return state, file, info
+
+
+def check_learned_tensor(key: str, value: Any, source) -> None:
+    """Refuse a learned tensor that is not a finite real floating-point tensor, naming file, key and problem.
+
+    Casting an integer or complex tensor to the learner's dtype would silently change it, and one
+    NaN or Inf makes every text feature non-finite; fp16/bf16 (the official files) are fine.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+    if value.is_complex() or not value.is_floating_point():
+        raise CheckpointError(f"{source}: {key} has dtype {str(value.dtype).replace('torch.', '')}; learned "
+                              "prompts must be floating point (fp32, fp16 or bf16)")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        kinds = " and ".join(k for k, m in (("NaN", torch.isnan(value)), ("Inf", torch.isinf(value))) if bool(m.any()))
+        raise CheckpointError(f"{source}: {key} holds {bad} non-finite value(s) ({kinds}) of {value.numel()}")
 
 
 def detect_method(state: Dict[str, torch.Tensor]) -> str:
@@ -271,11 +331,18 @@ def read_prompt_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a promptcore prompt file (format={raw.get('format')!r})")
-    meta = {
-        "method": raw["method"],
-        "options": json.loads(raw["options"]),
-        "classnames": json.loads(raw["classnames"]),
-        "model_name": raw.get("model_name") or None,
-        "format_version": raw.get("format_version"),
-    }
+    try:
+        meta = {
+            "method": raw["method"],
+            "options": json.loads(raw["options"]),
+            "classnames": json.loads(raw["classnames"]),
+            "model_name": raw.get("model_name") or None,
+            "format_version": raw.get("format_version"),
+        }
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the promptcore metadata is incomplete or corrupt ({type(exc).__name__}: "
+                              f"{exc})") from exc
+    if not isinstance(meta["options"], dict) or not isinstance(meta["classnames"], list):
+        raise CheckpointError(f"{path}: the promptcore metadata is corrupt (options must be a mapping, "
+                              "classnames a list)")
     return tensors, meta
