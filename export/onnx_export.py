@@ -58,6 +58,17 @@ class ExportReport:
 
 
 @contextlib.contextmanager
+def _stage(what: str):
+    """Re-raise an error from torch, onnx or onnxruntime as an ExportError saying what promptcore was doing."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
 def torch_backend():
     """Force the PyTorch reference ops (Triton kernels are never exported)."""
     old = os.environ.get("PROMPTCORE_BACKEND")
@@ -106,7 +117,8 @@ def read_metadata(path) -> Dict[str, object]:
     """promptcore's metadata of an exported model (JSON fields decoded)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    with _stage(f"reading {path} as an ONNX model"):
+        model = onnx.load(str(path), load_external_data=False)
     raw = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
     if "method" not in raw:
         raise ExportError(f"{path} was not written by promptcore (no promptcore metadata)")
@@ -176,6 +188,21 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def check_output_path(path) -> Path:
+    """The export's output file: a new or regular file ending in .onnx in a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ExportError(f"the output path {path} is {kind}; give the path of a .onnx file to write")
+    if path.suffix != ".onnx":
+        raise ExportError(f"the output file must end in .onnx, got {path.name}")
+    if not path.parent.is_dir():
+        raise ExportError(f"folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"folder {path.parent} is not writable")
+    return path
+
+
 def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: str = "fp32",
             with_features: bool = False, batch_sizes: Sequence[int] = (1, 3), opset: Optional[int] = None,
             extra_metadata: Optional[Dict[str, str]] = None, progress=None) -> ExportReport:
@@ -192,13 +219,7 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
     method = check_exportable(module)
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ExportError(f"the output file must end in .onnx, got {path.name}")
-    if not path.parent.is_dir():
-        raise ExportError(f"folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"folder {path.parent} is not writable")
+    path = check_output_path(path)
     size = _image_size(module, image_size)
     outputs = ["logits", "image_features"] if with_features else ["logits"]
 
@@ -210,18 +231,21 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
     try:
         step("exporting with torch.onnx (dynamo)")
         batch = torch.export.Dim("batch", min=1, max=65536)
-        with torch.no_grad(), torch_backend():
+        with _stage(f"exporting the {method} graph with torch.onnx"), torch.no_grad(), torch_backend():
             program = torch.onnx.export(graph, (images,), dynamo=True, input_names=["images"], output_names=outputs,
                                         dynamic_shapes={"images": {0: batch}}, opset_version=opset,
                                         external_data=external, report=False, verbose=False)
         for key, value in metadata_for(module, dtype, size, outputs, extra_metadata).items():
             program.model.metadata_props[key] = value
         tmp_model = tmpdir / path.name
-        program.save(str(tmp_model), external_data=external)
+        with _stage(f"writing the ONNX model into {tmpdir}"):
+            program.save(str(tmp_model), external_data=external)
         step("checking the graph (onnx.checker)")
-        onnx.checker.check_model(str(tmp_model), full_check=False)
+        with _stage("checking the exported graph with onnx.checker"):
+            onnx.checker.check_model(str(tmp_model), full_check=False)
         step("comparing onnxruntime with PyTorch")
-        result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes)
+        with _stage("running the exported graph in onnxruntime against PyTorch"):
+            result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes)
         allowed = tolerance(dtype, result["max_abs_logit"])
         if not result["max_abs_diff"] <= allowed:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > "

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .graphs import EXPORTABLE, ExportError, build_graph
-from .onnx_export import compare_with_onnxruntime, read_metadata, to_onnx, tolerance
+from .onnx_export import _stage, compare_with_onnxruntime, read_metadata, to_onnx, tolerance
 from .serving import write_triton_repository
 
 SERVING = ("triton-server",)
@@ -197,7 +197,8 @@ def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3)) -> Dict[
     module = get_method(str(meta["method"])).from_file(prompts, model, tokenizer=tokenizer)
     dtype = str(meta["dtype"])
     graph = build_graph(module, dtype, "image_features" in meta.get("outputs", []))
-    result = compare_with_onnxruntime(graph, onnx_path, int(meta["image_size"]), dtype, batch_sizes)
+    with _stage(f"running {onnx_path} in onnxruntime against PyTorch"):
+        result = compare_with_onnxruntime(graph, onnx_path, int(meta["image_size"]), dtype, batch_sizes)
     result["tolerance"] = tolerance(dtype, result["max_abs_logit"])
     result["ok"] = bool(result["max_abs_diff"] <= result["tolerance"])
     result["method"] = meta["method"]

@@ -10,9 +10,10 @@ import torch.nn as nn
 
 from promptcore.kernels import cosine_logits
 
-from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
+from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
 from .engine import PromptSet, TextEngine
 from .prompts import clean_classnames, context_prompts, default_tokenizer
+from .views import require_finite
 
 
 def _image_size(model: nn.Module) -> Optional[tuple]:
@@ -56,7 +57,7 @@ class PromptModule(nn.Module):
         return self.engine.tower.dtype
 
     def check_images(self, images: torch.Tensor) -> None:
-        """Raise a clear error for images of the wrong type, shape or device."""
+        """Raise a clear error for images of the wrong type, shape or device, or with NaN/Inf pixels."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -69,6 +70,7 @@ class PromptModule(nn.Module):
         device = self.engine.tower.device
         if images.device != device:
             raise ValueError(f"images are on {images.device}, the model is on {device}")
+        require_finite(images)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image features of the frozen image tower (images cast to the model dtype, as officially)."""
@@ -174,6 +176,7 @@ class PromptModule(nn.Module):
             raise CheckpointError(f"{source} lacks {', '.join(missing)}")
         for key, target in own.items():
             value = state[key]
+            check_learned_tensor(key, value, source)
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(self._shape_message(key, tuple(value.shape), tuple(target.shape), source))
         with torch.no_grad():

@@ -126,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ImportError as exc:  # an optional dependency (onnx, onnxruntime, ...) is not installed
+        print(f"promptcore {args.command}: error: {exc.name or exc} is not installed "
+              "(pip install 'promptcore[export]' for export and verify)", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         print(f"promptcore {args.command}: error: {reason}", file=sys.stderr)

@@ -38,12 +38,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import PromptModule
-from .checkpoints import CheckpointError, check_method, detect_method, official_state_dict, read_prompt_file
+from .checkpoints import (
+    CheckpointError,
+    check_learned_tensor,
+    check_method,
+    detect_method,
+    official_state_dict,
+    read_prompt_file,
+)
 from .engine import PromptSet
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
-from .views import as_image_list
+from .views import as_image_list, require_finite
 
-PRECISIONS = ("amp", "native")
+# "amp" is the official ``torch.cuda.amp.autocast()``: fp16 autocast for CUDA tensors and nothing
+# elsewhere (fp32 on CPU). "amp_bf16" opts into bf16 autocast on any device (faster on CPUs with bf16
+# units, not the official computation). "native" runs in the weights' own dtype.
+PRECISIONS = ("amp", "amp_bf16", "native")
 MODES = ("tpt", "zero")
 META_NET_INPUTS = ("raw", "normalized")
 # torch.cuda.amp.GradScaler(init_scale=1000) in the official script; only fp16 needs loss scaling.
@@ -240,8 +250,10 @@ class TPT(PromptModule):
         selection: fraction of confident views kept (official 0.1; ``int(V * selection) >= 1``).
         lr, steps, weight_decay: AdamW learning rate, optimizer steps per image, decoupled decay.
         augmix: AugMix views (the official choice for the fine-grained data sets).
-        precision: "amp" runs fp32 weights under autocast (fp16 on CUDA, bf16 elsewhere) as the
-            official code does; "native" runs in the weights' dtype. Default: "amp" for fp32 weights.
+        precision: "amp" runs fp32 weights as the official ``torch.cuda.amp.autocast()`` does: fp16
+            autocast on CUDA, plain fp32 on any other device. "amp_bf16" runs fp32 weights under bf16
+            autocast on every device (an opt-in speed-up, not the official computation). "native" runs
+            in the weights' dtype. Default: "amp" for fp32 weights, "native" otherwise.
         batch_size: images tuned together by :meth:`predict`.
         cocoop_meta_net: hold a CoCoOp meta-net (set by :meth:`init_from_cocoop`).
         meta_net_input: "raw" (official TPT+CoCoOp: the unnormalised view-0 feature) or "normalized".
@@ -268,8 +280,8 @@ class TPT(PromptModule):
             precision = "amp" if weights == torch.float32 else "native"
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if precision == "amp" and weights != torch.float32:
-            raise ValueError(f"precision 'amp' runs fp32 weights under autocast; this model is {weights}: "
+        if precision != "native" and weights != torch.float32:
+            raise ValueError(f"precision {precision!r} runs fp32 weights under autocast; this model is {weights}: "
                              "use precision='native'")
         clean_classnames(classnames)  # validate before anything is built
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -304,17 +316,19 @@ class TPT(PromptModule):
         return self.prompt_learner.prompts.num_classes
 
     def autocast(self):
-        """The autocast context of ``precision="amp"`` (fp16 on CUDA, bf16 elsewhere); a no-op otherwise."""
-        if self.precision != "amp":
+        """The autocast context of the precision: fp16 on CUDA for "amp", bf16 for "amp_bf16", else none."""
+        dtype = self.compute_dtype
+        if dtype == self.engine.tower.dtype:
             return contextlib.nullcontext()
-        device = self.engine.tower.device
-        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+        return torch.autocast(device_type=self.engine.tower.device.type, dtype=dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the encoders compute in."""
-        if self.precision == "amp":
-            return torch.float16 if self.engine.tower.device.type == "cuda" else torch.bfloat16
+        if self.precision == "amp" and self.engine.tower.device.type == "cuda":
+            return torch.float16
+        if self.precision == "amp_bf16":
+            return torch.bfloat16
         return self.engine.tower.dtype
 
     @property
@@ -338,6 +352,7 @@ class TPT(PromptModule):
             raise ValueError(f"selection {self.selection} of {views.shape[1]} views keeps no view; "
                              "int(n_views * selection) must be at least 1")
         self.check_images(views[:, 0])
+        require_finite(views, "views")
 
     @torch.no_grad()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
@@ -522,6 +537,7 @@ class TPT(PromptModule):
         for key, shape in want.items():
             if key not in state:
                 raise CheckpointError(f"{source} lacks {key}")
+            check_learned_tensor(key, state[key], source)
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, this model needs {shape}")
         self._check_ctx(state["ctx"], source)
@@ -571,6 +587,7 @@ class TPT(PromptModule):
         return state["ctx"], source, info
 
     def _check_ctx(self, ctx: torch.Tensor, source) -> None:
+        check_learned_tensor("ctx", ctx, source)
         own = tuple(self.prompt_learner.ctx.shape)
         got = tuple(ctx.shape)
         if len(got) == 3:
@@ -723,8 +740,9 @@ def add_tpt_subparser(sub) -> None:
     cmd.add_argument("--zero", action="store_true", help="ZERO: vote of confident views, no tuning")
     cmd.add_argument("--batch", type=int, default=8, help="images tuned together (default 8)")
     cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    cmd.add_argument("--precision", default="amp", choices=["amp", "fp32", "fp16", "bf16"],
-                     help="amp: fp32 weights under autocast (official); others: weights in that dtype")
+    cmd.add_argument("--precision", default="amp", choices=["amp", "amp_bf16", "fp32", "fp16", "bf16"],
+                     help="amp: fp32 weights, fp16 autocast on CUDA and fp32 elsewhere (official); amp_bf16: "
+                          "fp32 weights under bf16 autocast; others: weights in that dtype")
     cmd.add_argument("--limit", type=int, default=None, help="first N images only")
     cmd.add_argument("--seed", type=int, default=0)
     cmd.set_defaults(func=_tpt_command)
@@ -733,7 +751,8 @@ def add_tpt_subparser(sub) -> None:
 def _tpt_command(args) -> int:
     from .models import load_model
 
-    weights = "fp32" if args.precision == "amp" else args.precision
+    autocast = args.precision in ("amp", "amp_bf16")
+    weights = "fp32" if autocast else args.precision
     model, tokenizer = load_model(args.model, args.pretrained, args.device, weights)
     selection = args.selection if args.selection is not None else (0.3 if args.zero else 0.1)
     root = Path(args.folder)
@@ -743,7 +762,7 @@ def _tpt_command(args) -> int:
     placeholder = [f"class {i}" for i in range(max(n_classes, 1))]  # run_folder sets the real names
     tpt = TPT(model, placeholder, tokenizer=tokenizer, n_ctx=args.n_ctx, ctx_init=args.ctx_init or None,
               n_views=args.views, selection=0.1 if args.zero else selection, lr=args.lr, steps=args.steps,
-              augmix=args.augmix, precision="amp" if args.precision == "amp" else "native", batch_size=args.batch,
+              augmix=args.augmix, precision=args.precision if autocast else "native", batch_size=args.batch,
               seed=args.seed)
     if args.init:
         info = tpt.load_official(args.init)

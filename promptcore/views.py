@@ -96,6 +96,30 @@ def center_view(image: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(out, [size, size])
 
 
+def require_finite(images: torch.Tensor, what: str = "images") -> None:
+    """Refuse NaN or Inf pixels, naming the images that hold them (leading dim = image index).
+
+    Every method refuses them the same way rather than return NaN logits (and, in TPT, NaN entropies
+    that would steer the view selection). Skipped while tracing or compiling: the check needs a
+    device-to-host sync and data-dependent control flow.
+    """
+    if not images.is_floating_point() or images.numel() == 0 or _tracing():
+        return
+    finite = torch.isfinite(images).flatten(1).all(dim=1) if images.dim() > 1 else torch.isfinite(images)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    raise ValueError(f"{what}: NaN or Inf values in image {shown}; promptcore refuses non-finite input "
+                     "rather than return NaN logits")
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+                or (compiler is not None and compiler.is_compiling()))
+
+
 def as_image_list(images) -> List[torch.Tensor]:
     """Validate raw images, (N, 3, H, W) or a list of (3, H, W) on one device, and return them as a list."""
     if isinstance(images, torch.Tensor):
@@ -116,6 +140,7 @@ def as_image_list(images) -> List[torch.Tensor]:
             raise TypeError(f"image {i} must be uint8 (0..255) or floating point (0..1), got {img.dtype}")
         if img.device != images[0].device:
             raise ValueError(f"image {i} is on {img.device}, image 0 on {images[0].device}")
+        require_finite(img.unsqueeze(0), f"image {i}")
     return images
 
 

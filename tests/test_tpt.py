@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, assert_close_scaled, make_model, scaled_error
 from test_checkpoints import write_dassl_checkpoint
 
 import promptcore
@@ -28,10 +28,6 @@ def _tpt(kind="quickgelu", dtype=torch.float32, **kw):
     opts = dict(n_views=8, selection=0.25, steps=1, precision="native" if dtype == torch.float32 else None)
     opts.update(kw)
     return TPT(make_model(kind, dtype), MIXED_NAMES, **opts)
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def assert_ctx_close(got, want, lr=LR, steps=1, tight=1e-5, max_fraction=0.01):
@@ -117,7 +113,7 @@ def test_matches_direct_official_style_implementation(steps):
         np.testing.assert_allclose(out.losses[:, n].numpy(), losses, rtol=1e-5)
         assert_ctx_close(out.ctx[n], ctx, steps=steps)
         assert out.preds[n].item() == final.argmax().item()
-        assert _rel(out.logits[n], final) < 2e-3
+        assert scaled_error(out.logits[n], final) < 2e-3
     assert (out.ctx - tpt.prompt_learner.ctx).abs().max() > LR / 2  # it did tune
 
 
@@ -129,7 +125,7 @@ def test_batched_equals_sequential():
         alone = tpt.adapt(views[n:n + 1])
         assert torch.equal(alone.selected[0], together.selected[n])
         assert_ctx_close(together.ctx[n], alone.ctx[0], steps=2)
-        assert _rel(together.logits[n], alone.logits[0]) < 2e-3
+        assert scaled_error(together.logits[n], alone.logits[0]) < 2e-3
         assert together.preds[n] == alone.preds[0]
 
 
@@ -142,7 +138,7 @@ def test_fast_path_equals_naive_path_through_tuning(position):
     assert torch.equal(fast.selected, naive.selected)
     np.testing.assert_allclose(fast.losses.numpy(), naive.losses.numpy(), rtol=1e-5)
     assert_ctx_close(fast.ctx, naive.ctx, steps=2)
-    assert _rel(fast.logits, naive.logits) < 2e-3
+    assert scaled_error(fast.logits, naive.logits) < 2e-3
     assert torch.equal(fast.preds, naive.preds)
 
 
@@ -316,7 +312,7 @@ def test_init_from_cocoop_shifts_each_image_context(tmp_path):
     hidden = torch.relu(f0 @ state["meta_net.linear1.weight"].t() + state["meta_net.linear1.bias"])
     bias = hidden @ state["meta_net.linear2.weight"].t() + state["meta_net.linear2.bias"]
     want = state["ctx"].unsqueeze(0) + bias.unsqueeze(1)
-    torch.testing.assert_close(tpt.initial_context(feats), want, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(tpt.initial_context(feats), want, name="initial context")
     out = tpt.adapt(views)
     assert out.ctx.shape == (2, 4, 64) and not torch.equal(out.ctx[0], out.ctx[1])
     file = tpt.save(tmp_path / "tpt.safetensors")
@@ -328,16 +324,33 @@ def test_init_from_cocoop_shifts_each_image_context(tmp_path):
 # -- precision ---------------------------------------------------------------------------------------
 
 
-def test_amp_runs_fp32_weights_under_bf16_autocast_on_cpu():
+def test_amp_is_the_official_cuda_autocast(monkeypatch):
+    """"amp" is ``torch.cuda.amp.autocast()``: fp16 for CUDA tensors, a no-op elsewhere (fp32 on CPU)."""
     views = _views(n=2)
-    amp = _tpt(precision="amp", lr=1e-9)
+    amp, native = _tpt(precision="amp"), _tpt(precision="native")
+    assert amp.compute_dtype == torch.float32 and amp.loss_scale == 1.0
+    a, b = amp.adapt(views), native.adapt(views)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.ctx, b.ctx)  # exactly the fp32 computation
+    assert TPT(make_model(), MIXED_NAMES).precision == "amp"  # the default for fp32 weights
+    from promptcore.tower import TextTower
+
+    monkeypatch.setattr(TextTower, "device", property(lambda self: torch.device("cuda")))
+    assert amp.compute_dtype == torch.float16 and amp.loss_scale == 1000.0
+    assert amp.autocast().fast_dtype == torch.float16
+
+
+def test_amp_bf16_opts_into_bf16_autocast_on_cpu():
+    views = _views(n=2)
+    amp = _tpt(precision="amp_bf16", lr=1e-9)
     exact = _tpt(precision="native", lr=1e-9)
     assert amp.compute_dtype == torch.bfloat16 and amp.loss_scale == 1.0
     a, b = amp.adapt(views), exact.adapt(views)
     assert a.ctx.dtype == torch.float32 and a.logits.dtype == torch.float32
-    assert 1e-6 < _rel(a.logits, b.logits) < 5e-2  # really ran in bf16, within bf16 error
-    tuned = _tpt(precision="amp").adapt(views)
+    assert 1e-6 < scaled_error(a.logits, b.logits) < 5e-2  # really ran in bf16, within bf16 error
+    tuned = _tpt(precision="amp_bf16").adapt(views)
     assert (tuned.ctx - amp.prompt_learner.ctx).abs().max() > LR / 2
+    with pytest.raises(ValueError, match="precision 'amp_bf16'"):
+        TPT(make_model(dtype=torch.bfloat16), MIXED_NAMES, precision="amp_bf16")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
@@ -349,7 +362,7 @@ def test_low_precision_models(dtype, tol):
     ref = _tpt(lr=1e-9)
     with torch.no_grad():
         ref.prompt_learner.ctx.copy_(low.prompt_learner.ctx.float())
-    assert _rel(low.adapt(views).logits, ref.adapt(views).logits) < tol
+    assert scaled_error(low.adapt(views).logits, ref.adapt(views).logits) < tol
     tuned = _tpt(dtype=dtype).adapt(views)  # gradients reach the fp32 context (no fp16 underflow)
     moved = (tuned.ctx - low.prompt_learner.ctx.float()).abs()
     assert tuned.ctx.dtype == torch.float32 and (moved > LR / 2).double().mean() > 0.5
