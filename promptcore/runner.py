@@ -11,8 +11,9 @@ zero-shot), TPT and ZERO.
   :func:`image_seed` ``(seed, i)``, and every compute batch is padded to the full batch size (with
   copies of its last image, whose results are dropped), so each image is computed with the same
   tensor shapes wherever it lands: rows do not depend on the world size, the shard or the order.
-  (Changing ``batch_size`` changes the shapes; matrix-multiply kernels are then free to round
-  differently in the last bits, so only predictions are expected to agree across batch sizes.)
+  Changing ``batch_size`` changes the shapes, and on CPU the number of intra-op threads changes how
+  GEMMs split their work (``torchrun`` sets one thread per process): both may round differently in
+  the last bits, so across them predictions, views and top-5 agree and losses agree to rounding.
 * **Scale-out**: under ``torchrun`` (``torch.distributed`` initialised: gloo on CPU, NCCL on GPU) the
   images still to do are dealt round-robin to the ranks; each rank appends its rows to its own part
   file; rank 0 merges.

@@ -168,8 +168,9 @@ def test_tpt_rows_equal_direct_tuning_and_the_naive_path(setup, tmp_path):
 
 
 def test_rows_do_not_depend_on_world_size_shards_or_batch(setup, tmp_path):
-    """One process vs torchrun --nproc-per-node 2 (gloo): byte-identical files. Batch 1 vs batch 4: the same
-    predictions, views and top-5; losses equal to rounding (other batch shapes may round GEMMs differently)."""
+    """One process vs torchrun --nproc-per-node 2 (gloo): byte-identical files. Both run one CPU thread per
+    process (torchrun's default): CPU GEMMs round differently with other thread counts or batch shapes, so batch
+    1 vs batch 4 gives the same predictions, views and top-5, and losses equal to rounding."""
     one, two, small = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "b1.jsonl"
     res = _run_cli(_tpt_args(setup, one))
     assert res.returncode == 0, res.stderr
