@@ -120,6 +120,23 @@ def test_decoding_matches_pil_and_falls_back_for_other_formats(tmp_path):
         decode_image_file(tmp_path / "bad.jpg")
 
 
+def test_jpeg_bytes_path_decodes_in_batches_and_isolates_corrupt_files(setup, tmp_path):
+    """The CUDA route (JPEG bytes from the workers, one batched ``decode_jpeg`` on the device), run on the CPU."""
+    from promptcore.runner import FolderImages, _to_device
+
+    data = _write_images(tmp_path / "data")
+    (data / "c_cat" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # index 6
+    folder = scan_image_folder(data)
+    samples = [FolderImages(folder, range(7), jpeg_bytes=True)[k] for k in range(7)]
+    assert [s.encoded for s in samples] == [False, True, False, True, False, False, True]
+    images = _to_device(samples, torch.device("cpu"))
+    for k, (sample, image) in enumerate(zip(samples, images)):
+        if k == 6:
+            assert image is None and "cannot decode JPEG" in sample.error
+        else:
+            assert sample.error is None and torch.equal(image, decode_image_file(data / folder.paths[k]))
+
+
 def test_image_seeds_depend_on_seed_and_index_only():
     assert image_seed(3, 5) == image_seed(3, 5)
     seeds = {image_seed(s, i) for s in range(3) for i in range(100)}
@@ -174,7 +191,7 @@ def test_rows_do_not_depend_on_world_size_shards_or_batch(setup, tmp_path):
     one, two, small = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "b1.jsonl"
     res = _run_cli(_tpt_args(setup, one))
     assert res.returncode == 0, res.stderr
-    res = _run_cli(_tpt_args(setup, two), torchrun=2)
+    res = _run_cli(_tpt_args(setup, two, extra=["--workers", "1"]), torchrun=2)  # decoding in a worker process
     assert res.returncode == 0, res.stderr
     assert two.read_bytes() == one.read_bytes()
     summary = json.loads(summary_path(two).read_text())
