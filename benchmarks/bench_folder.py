@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,7 @@ def main(argv=None):
     names = builtin_classnames(args.dataset)
     row = {"bench": "folder", "model": args.model, "precision": args.precision, "classes": args.classes,
            "views": args.views, "images": args.images, "batch": args.batch, "workers": args.workers,
-           **environment(device)}
+           "load_average_1m_start": os.getloadavg()[0], **environment(device)}
     with tempfile.TemporaryDirectory(prefix="promptcore-bench-folder.") as tmp:
         tmp = Path(tmp)
         root = tmp / "data"
@@ -128,6 +129,7 @@ def main(argv=None):
             for procs in args.procs[1:]:
                 row[f"scaling_{procs}_vs_{args.procs[0]}"] = row[f"runner_{procs}proc_images_per_s"] / base
                 print(f"{procs} vs {args.procs[0]} process(es): {row[f'scaling_{procs}_vs_{args.procs[0]}']:.2f}x")
+    row["load_average_1m_end"] = os.getloadavg()[0]  # other work on the machine skews CPU ratios
     if not args.no_save:
         print(f"row appended to {append_rows('folder.jsonl', [row])}")
 

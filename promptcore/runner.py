@@ -339,7 +339,7 @@ def check_out_path(out, config: Dict[str, Any]) -> None:
     """Raise before anything is written when ``out`` cannot be written or holds another run's results."""
     out = check_out_folder(out)
     parts = parts_dir(out)
-    if parts.exists():
+    if parts.exists() and any(parts.iterdir()):  # an empty one: a run killed before it wrote anything
         _check_same_run(parts / "run.json", config, parts)
     if out.exists():
         _check_same_run(summary_path(out), config, out)
