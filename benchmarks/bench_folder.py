@@ -96,6 +96,13 @@ def main(argv=None):
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
     args = parser.parse_args(argv)
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    row = run(args)
+    if not args.no_save:
+        print(f"row appended to {append_rows('folder.jsonl', [row])}")
+
+
+def run(args) -> dict:
+    """One measurement row (official-style loop, then the runner at each of ``args.procs``)."""
     device = torch.device(args.device)
     weights_dtype = "fp32" if args.precision == "amp" else args.precision
     torch.manual_seed(0)
@@ -130,8 +137,7 @@ def main(argv=None):
                 row[f"scaling_{procs}_vs_{args.procs[0]}"] = row[f"runner_{procs}proc_images_per_s"] / base
                 print(f"{procs} vs {args.procs[0]} process(es): {row[f'scaling_{procs}_vs_{args.procs[0]}']:.2f}x")
     row["load_average_1m_end"] = os.getloadavg()[0]  # other work on the machine skews CPU ratios
-    if not args.no_save:
-        print(f"row appended to {append_rows('folder.jsonl', [row])}")
+    return row
 
 
 if __name__ == "__main__":
