@@ -306,6 +306,36 @@ def test_eval_rows_equal_the_naive_path(setup, tmp_path, method):
     assert summary["top1"] == sum(r["pred"] == r["label"] for r in rows) / 7
 
 
+def test_eval_official_coop_checkpoint_checks_the_class_names(setup, tmp_path, capsys):
+    """An official Dassl checkpoint through build_from_checkpoint: its recorded training classes must match."""
+    from test_checkpoints import write_dassl_checkpoint
+
+    names = [line for line in setup["names"].read_text().splitlines() if line]
+    coop = promptcore.CoOp(_model(setup), names, n_ctx=4, seed=0)
+    with torch.no_grad():
+        emb = coop.model.token_embedding(coop.tokenized_prompts)
+    ctx = 0.02 * torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    ckpt = write_dassl_checkpoint(tmp_path / "output", {"ctx": ctx, "token_prefix": emb[:, :1],
+                                                        "token_suffix": emb[:, 5:]})
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *_common(setup, out), "--method", "coop", "--checkpoint", str(ckpt)]) == 0
+    rows = read_rows(out)
+    coop.load_official(ckpt)
+    coop.eval().text_path = "naive"
+    folder = scan_image_folder(setup["data"])
+    images = torch.stack([make_views([load_image(setup["data"] / p)], 1, 32)[0, 0] for p in folder.paths])
+    with torch.no_grad():
+        assert [r["pred"] for r in rows] == coop(images).argmax(-1).tolist()
+    # the folder names are not the checkpoint's training classes: refused, nothing written
+    other = tmp_path / "other.jsonl"
+    common = _common(setup, other)
+    common.remove("--classnames")
+    common.remove(str(setup["names"]))
+    assert main(["eval", *common, "--method", "coop", "--checkpoint", str(ckpt)]) == 2
+    assert "disagrees with" in capsys.readouterr().err
+    assert not other.exists() and not parts_dir(other).exists()
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
