@@ -96,6 +96,8 @@ def main(argv=None):
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
     args = parser.parse_args(argv)
     args.precision = args.precision or ("amp" if args.device.startswith("cuda") else "fp32")
+    if args.classes > args.images:
+        parser.error(f"--classes {args.classes} needs at least as many --images (one class folder each)")
     row = run(args)
     if not args.no_save:
         print(f"row appended to {append_rows('folder.jsonl', [row])}")
