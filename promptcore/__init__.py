@@ -6,8 +6,9 @@ from .coop import CoOp
 from .engine import LayerPrompts, PromptSet, TextEngine
 from .maple import MaPLe
 from .prompts import PromptTooLongError
+from .runner import run_folder
 from .tower import TextTower, UnsupportedModelError
-from .tpt import TPT, TPTOutput, ZeroOutput, run_folder
+from .tpt import TPT, TPTOutput, ZeroOutput
 
 __version__ = "0.1.0"
 

@@ -68,6 +68,121 @@ def _verify(args) -> int:
     return 0 if result["ok"] else 1
 
 
+# -- folder runs: ``promptcore eval`` and ``promptcore tpt`` (see promptcore/runner.py) -------------------------
+
+
+def _add_folder_options(cmd, batch: int) -> None:
+    import torch
+
+    cmd.add_argument("folder", help="root/<class folder>/<image>; labels follow the sorted folder names")
+    cmd.add_argument("--out", required=True, help="predictions, one JSON row per image (summary beside it as "
+                                                  "<stem>.summary.json); rerun with the same --out to resume")
+    cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order")
+    cmd.add_argument("--dataset", default=None, help="built-in class names of a data set (e.g. imagenet)")
+    cmd.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
+    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
+    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    cmd.add_argument("--batch", type=int, default=batch, help=f"images per batch (default {batch})")
+    cmd.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes (default 4 on CUDA, "
+                                                               "1 on CPU; 0 decodes in the main process)")
+    cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="under torchrun, CUDA ranks use cuda:LOCAL_RANK")
+    cmd.add_argument("--limit", type=int, default=None, help="first N images of the sorted data set only")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the per-image view generators")
+    cmd.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    cmd.add_argument("--timeout", type=float, default=1800.0, help="seconds before a collective between "
+                                                                   "torchrun ranks gives up (default 1800)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar or result line")
+
+
+def _folder_setup(args):
+    """Checks shared by the folder commands, before any model is loaded or file written: the folder, the
+    class names (file, data set or folder names) and the --out location."""
+    from .models import builtin_classnames
+    from .runner import check_out_folder, folder_classnames, scan_image_folder
+
+    if args.classnames and args.dataset:
+        raise ValueError("--classnames and --dataset both give class names: pass one")
+    for name in ("batch", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    folder = scan_image_folder(args.folder)
+    given = args.classnames or (builtin_classnames(args.dataset) if args.dataset else None)
+    names = folder_classnames(folder, given) if given is not None else None
+    check_out_folder(args.out)
+    if args.model_config:
+        from promptcore.export.pipeline import register_model_config
+
+        register_model_config(args.model_config)
+    return folder, names
+
+
+def _run_options(args, dist) -> dict:
+    workers = args.workers if args.workers is not None else (4 if dist.device.type == "cuda" else 1)
+    return dict(batch_size=args.batch, workers=workers, seed=args.seed, limit=args.limit, strict=args.strict,
+                progress=not args.quiet and dist.rank == 0, device=dist.device)
+
+
+def _eval(args) -> int:
+    from .models import load_model
+    from .runner import build_eval_module, check_eval_options, distributed, run_folder
+
+    check_eval_options(args.method, args.checkpoint, args.templates)
+    folder, names = _folder_setup(args)
+    templates = args.templates
+    if templates is not None and templates not in ("openai", "simple"):
+        from .models import read_classnames
+
+        templates = read_classnames(templates)  # a file: one template per line, "{}" for the class name
+    if names is None and (args.method == "zeroshot" or not str(args.checkpoint).endswith(".safetensors")):
+        names = list(folder.classes)  # a promptcore prompt file carries its own class names
+    options = {"n_ctx": args.n_ctx, "ctx_init": args.ctx_init, "class_token_position": args.class_token_position,
+               "depth": args.depth}
+    with distributed(args.device, args.timeout) as dist:
+        model, tokenizer = load_model(args.model, args.pretrained, dist.device, args.precision)
+        module = build_eval_module(args.method, model, tokenizer, names, checkpoint=args.checkpoint,
+                                   templates=templates, options=options, allow_new_classes=args.allow_new_classes)
+        config = {"command": "eval", "method": args.method, "model": args.model, "pretrained": args.pretrained,
+                  "checkpoint": args.checkpoint, "templates": templates, "precision": args.precision,
+                  "options": {k: v for k, v in options.items() if v is not None}}
+        run_folder(module, folder.root, args.out, mode="eval", config=config, **_run_options(args, dist))
+    return 0
+
+
+def _tpt(args) -> int:
+    from .models import load_model
+    from .runner import distributed, run_folder
+    from .tpt import TPT
+
+    selection = args.selection if args.selection is not None else (0.3 if args.zero else 0.1)
+    folder, names = _folder_setup(args)
+    names = names if names is not None else list(folder.classes)
+    autocast = args.precision in ("amp", "amp_bf16")
+    weights = "fp32" if autocast else args.precision
+    with distributed(args.device, args.timeout) as dist:
+        model, tokenizer = load_model(args.model, args.pretrained, dist.device, weights)
+        tpt = TPT(model, names, tokenizer=tokenizer, n_ctx=args.n_ctx, ctx_init=args.ctx_init or None,
+                  n_views=args.views, selection=selection, lr=args.lr, steps=args.steps,
+                  augmix=args.augmix, precision=args.precision if autocast else "native",
+                  batch_size=args.batch, seed=args.seed)
+        if args.init:
+            info = tpt.load_official(args.init)
+            if not args.quiet and dist.rank == 0:
+                print(f"initialised from {info['method']} checkpoint {info['file']}")
+        config = {"command": "tpt", "model": args.model, "pretrained": args.pretrained, "init": args.init,
+                  "ctx_init": args.ctx_init, "n_ctx": args.n_ctx, "views": args.views, "selection": selection,
+                  "lr": args.lr, "steps": args.steps, "augmix": args.augmix, "precision": args.precision,
+                  "device": dist.device.type}
+        run_folder(tpt, folder.root, args.out, mode="zero" if args.zero else "tpt", zero_selection=selection,
+                   config=config, **_run_options(args, dist))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcore", description="Fast CLIP prompt learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,8 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("model", help="model.onnx written by promptcore export")
     ver.add_argument("--batch", type=int, nargs="+", default=[1, 3], help="batch sizes to compare")
     ver.set_defaults(func=_verify)
-    from .tpt import add_tpt_subparser
-    add_tpt_subparser(sub)
+
+    ev = sub.add_parser("eval", help="accuracy of learned prompts (or zero-shot) over an ImageFolder-layout folder; "
+                                     "runs under torchrun")
+    _add_folder_options(ev, batch=32)
+    ev.add_argument("--method", required=True, choices=["coop", "cocoop", "maple", "zeroshot"])
+    ev.add_argument("--checkpoint", default=None,
+                    help="official checkpoint (model.pth.tar-N or its folder) or a promptcore .safetensors file")
+    ev.add_argument("--templates", default=None, help="zeroshot: openai, simple, or a file of templates with {}")
+    ev.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="model weights")
+    ev.add_argument("--allow-new-classes", action="store_true",
+                    help="accept class names other than the checkpoint's training classes (base-to-new)")
+    ev.add_argument("--n-ctx", type=int, default=None, help="context length (default: from the checkpoint)")
+    ev.add_argument("--ctx-init", default=None, help="context init phrase used in training")
+    ev.add_argument("--class-token-position", default=None, choices=["end", "middle", "front"])
+    ev.add_argument("--depth", type=int, default=None, help="MaPLe prompt depth (default: from the checkpoint)")
+    ev.set_defaults(func=_eval)
+
+    tpt = sub.add_parser("tpt", help="test-time prompt tuning (or ZERO) over an ImageFolder-layout folder; runs "
+                                     "under torchrun")
+    _add_folder_options(tpt, batch=8)
+    tpt.add_argument("--init", default=None, help="official CoOp/CoCoOp checkpoint to initialise the context from")
+    tpt.add_argument("--ctx-init", default="a photo of a", help="init phrase (default 'a photo of a'; '' for random)")
+    tpt.add_argument("--n-ctx", type=int, default=4)
+    tpt.add_argument("--views", type=int, default=64, help="views per image, view 0 included (default 64)")
+    tpt.add_argument("--selection", type=float, default=None, help="confident fraction (default 0.1; ZERO 0.3)")
+    tpt.add_argument("--lr", type=float, default=5e-3)
+    tpt.add_argument("--steps", type=int, default=1)
+    tpt.add_argument("--augmix", action="store_true", help="AugMix views (official for fine-grained sets)")
+    tpt.add_argument("--zero", action="store_true", help="ZERO: vote of confident views, no tuning")
+    tpt.add_argument("--precision", default="amp", choices=["amp", "amp_bf16", "fp32", "fp16", "bf16"],
+                     help="amp: fp32 weights, fp16 autocast on CUDA and fp32 elsewhere (official); amp_bf16: "
+                          "fp32 weights under bf16 autocast; others: weights in that dtype")
+    tpt.set_defaults(func=_tpt)
     return parser
 
 

@@ -1,5 +1,5 @@
 """TPT and ZERO: batched == sequential, fast == naive, official rules against direct implementations,
-views, checkpoints, precision, bad input and the folder runner."""
+views, checkpoints, precision and bad input (folder runs: test_runner.py)."""
 
 from collections import Counter
 
@@ -12,7 +12,7 @@ from test_checkpoints import write_dassl_checkpoint
 
 import promptcore
 from promptcore.checkpoints import CheckpointError
-from promptcore.tpt import TPT, BatchedAdamW, avg_entropy, load_image, run_folder, select_confident, zero_vote
+from promptcore.tpt import TPT, BatchedAdamW, avg_entropy, select_confident, zero_vote
 from promptcore.views import _apply_op, make_views, random_resized_crop_boxes
 
 LR = 5e-3
@@ -454,38 +454,3 @@ def test_bad_input_is_named_and_changes_nothing():
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         tpt.zero(torch.randn(1, 8, 3, 32, 32), selection=0.0)
     assert torch.equal(tpt.prompt_learner.ctx, before)
-
-
-# -- the folder runner and the command ------------------------------------------------------------------
-
-
-def _write_folder(root):
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for c, folder in enumerate(["b_cat", "a_dog"]):
-        (root / folder).mkdir(parents=True)
-        for i in range(3):
-            arr = torch.randint(0, 256, (30 + 5 * i, 36 + c, 3), dtype=torch.uint8, generator=gen).numpy()
-            Image.fromarray(arr).save(root / folder / f"{i}.png")
-    (root.parent / "names.txt").write_text("dog\ncat\n")  # label order = sorted folders: a_dog, b_cat
-    return root.parent / "names.txt"
-
-
-def test_run_folder(tmp_path):
-    names = _write_folder(tmp_path / "data")
-    tpt = _tpt(batch_size=4)
-    res = run_folder(tpt, tmp_path / "data", names, seed=7, progress=False)
-    assert res["images"] == 6 and res["labels"] == [0, 0, 0, 1, 1, 1] and tpt.classnames == ["dog", "cat"]
-    assert res["correct"] == sum(p == y for p, y in zip(res["preds"], res["labels"]))
-    assert res["accuracy"] == res["correct"] / 6 and res["images_per_s"] > 0
-    files = sorted((tmp_path / "data" / "a_dog").glob("*.png")) + sorted((tmp_path / "data" / "b_cat").glob("*.png"))
-    images = [load_image(f) for f in files]
-    direct = tpt.predict(images, generator=torch.Generator().manual_seed(7))
-    assert direct.tolist() == res["preds"]
-    zero = run_folder(tpt, tmp_path / "data", names, mode="zero", limit=4, progress=False)
-    assert zero["images"] == 4
-    with pytest.raises(ValueError, match="3 class names for 2 class folders"):
-        run_folder(tpt, tmp_path / "data", ["a", "b", "c"], progress=False)
-    with pytest.raises(FileNotFoundError):
-        run_folder(tpt, tmp_path / "missing", progress=False)
