@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=_verify)
     from .tpt import add_tpt_subparser
     add_tpt_subparser(sub)
+    from .serve import add_serve_subparser
+    add_serve_subparser(sub)
     return parser
 
 
