@@ -299,3 +299,15 @@ def test_server_end_to_end(server):
     server["log"].seek(0)
     text = server["log"].read()
     assert "shutting down" in text and "stopped in" in text
+
+
+def test_cli_serve_refuses_bad_arguments_before_starting(capsys):
+    from promptcore.cli import main
+
+    assert main(["serve", "--method", "coop", "--model", "ViT-B-16", "--dataset", "imagenet"]) == 2
+    assert "serving coop needs --checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--method", "coop", "--model", "ViT-B-16", "--dataset", "imagenet", "--checkpoint", "x",
+                 "--n-views", "8"]) == 2
+    assert "--n-views and --tpt-steps apply to --method tpt only" in capsys.readouterr().err
+    assert main(["serve", "--method", "tpt", "--model", "ViT-B-16", "--dataset", "imagenet", "--max-batch", "0"]) == 2
+    assert "max_batch must be an integer >= 1" in capsys.readouterr().err
