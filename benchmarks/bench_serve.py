@@ -4,9 +4,12 @@ A CoOp module over one CLIP (random weights, saved to a file so the server and t
 the same model) is served by a real ``promptcore serve`` process on loopback. Clients send float
 (.npy, preprocessed) or JPEG requests, one image each, from 1, 8 and 32 threads; each level
 reports requests/s and p50/p99 latency. The in-process baseline runs the same requests one at a
-time in this process (decode + open_clip's eval transform for JPEG, then the module): the ratio
+time in this process (decode + open_clip's eval transform for JPEG, then the module), measured again
+right before each server level: the ratio
 server/in-process is the server's overhead (below 1) or its batching gain (above 1). The load
-generator shares the machine with the server, so on a small CPU both compete for the cores.
+generator shares the machine with the server, so on a small CPU both compete for the cores; each row
+records the 1-minute load average. On a loaded machine use ``--num-cpus 1``: several torch threads
+per process on oversubscribed cores are many times slower than one.
 Rows are appended to benchmarks/results/serve.jsonl.
 
     python benchmarks/bench_serve.py                          # CPU: ViT-B-32, 100 classes, 48 requests/level
@@ -152,8 +155,9 @@ def run(args) -> list:
             rows, env = [], environment(device)
             for fmt, bodies, kind in (("float", npy, "application/x-npy"), ("jpeg", jpegs, "image/jpeg")):
                 drive(in_process(kind), bodies[:4], 1)  # warm-up
-                base = drive(in_process(kind), bodies, 1)
                 for concurrency in args.concurrency:
+                    # the baseline right before each server level: a shared machine's load drifts
+                    base = drive(in_process(kind), bodies, 1)
                     def call(body, kind=kind):
                         status, out = _post(url + "/classify", body, kind)
                         if status != 200:
@@ -166,13 +170,14 @@ def run(args) -> list:
                            "classes": len(names), "max_batch": args.max_batch, "server": served,
                            "in_process": base, "server_vs_in_process": served["requests_per_s"] /
                            base["requests_per_s"], "max_batch_requests_seen": stats["max_batch_requests"],
-                           "startup_s": startup_s, "cpu_count": os.cpu_count(), **env}
+                           "startup_s": startup_s, "cpu_count": os.cpu_count(), "num_cpus": args.num_cpus,
+                           "loadavg_1min": os.getloadavg()[0], **env}
                     rows.append(row)
                     print(f"{fmt:5s} c={concurrency:2d}: server {served['requests_per_s']:6.1f} req/s "
                           f"p50 {served['p50_ms']:7.1f} ms p99 {served['p99_ms']:7.1f} ms | in-process "
                           f"{base['requests_per_s']:6.1f} req/s p50 {base['p50_ms']:6.1f} ms | ratio "
-                          f"{row['server_vs_in_process']:.2f}x | largest batch {stats['max_batch_requests']}",
-                          flush=True)
+                          f"{row['server_vs_in_process']:.2f}x | largest batch so far {stats['max_batch_requests']}"
+                          f" | load {row['loadavg_1min']:.1f}", flush=True)
             return rows
         finally:
             if proc.poll() is None:

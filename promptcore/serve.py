@@ -71,6 +71,7 @@ class ServeSpec:
     max_body_bytes: int = 64 << 20
     seed: int = 0
     num_cpus: float = 1.0
+    num_gpus: Optional[float] = None  # None: 1 for a cuda device (Ray hides GPUs from actors that ask for none)
     allow_new_classes: bool = False
 
     def check(self) -> None:
@@ -89,6 +90,13 @@ class ServeSpec:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not self.batch_wait_s >= 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s!r}")
+        if str(self.device).startswith("cuda") and self.num_gpus is not None and self.num_gpus <= 0:
+            raise ValueError("a cuda device needs --num-gpus > 0 per replica (Ray hides GPUs from other actors)")
+
+    def gpus_per_replica(self) -> float:
+        if self.num_gpus is not None:
+            return float(self.num_gpus)
+        return 1.0 if str(self.device).startswith("cuda") else 0.0
 
 
 def build_module(spec: ServeSpec):
@@ -104,7 +112,12 @@ def build_module(spec: ServeSpec):
     options = {k: v for k, v in spec.options.items() if v is not None}
     if spec.method == "zeroshot":
         cls = get_method("zeroshot")
-        module = cls(model, spec.classnames, templates=spec.templates or "openai", tokenizer=tokenizer, **options)
+        templates = spec.templates or "openai"
+        if templates not in ("openai", "simple"):
+            from .models import read_classnames
+
+            templates = read_classnames(templates)  # a file of format strings, one per line
+        module = cls(model, spec.classnames, templates=templates, tokenizer=tokenizer, **options)
     elif spec.method == "tpt":
         cls = get_method("tpt")
         module = cls(model, spec.classnames, tokenizer=tokenizer, seed=spec.seed, **options)
@@ -375,7 +388,7 @@ def make_app(spec: ServeSpec, replicas: int = 1):
     @serve.deployment(name=f"{APP_NAME}_{spec.method}", num_replicas=replicas,
                       max_ongoing_requests=spec.max_queue + spec.max_batch,
                       max_queued_requests=spec.max_queue,
-                      ray_actor_options={"num_cpus": spec.num_cpus},
+                      ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.gpus_per_replica()},
                       graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=60,
                       max_constructor_retry_count=1)
     class PromptcoreDeployment:
@@ -407,8 +420,10 @@ def make_app(spec: ServeSpec, replicas: int = 1):
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             try:
                 body = await request.body()
-                item = self.classifier.parse(body, request.headers.get("content-type", ""),
-                                             dict(request.query_params))
+                # decoding and preprocessing off the event loop, so other requests keep arriving
+                item = await asyncio.get_running_loop().run_in_executor(
+                    None, self.classifier.parse, body, request.headers.get("content-type", ""),
+                    dict(request.query_params))
                 result = await self.infer(item)
                 return JSONResponse({"method": self.classifier.spec.method, **result})
             except RequestError as exc:
@@ -494,6 +509,7 @@ def add_serve_subparser(sub) -> None:
     cmd.add_argument("--seed", type=int, default=0, help="TPT's default view seed (requests may pass their own)")
     cmd.add_argument("--replicas", type=int, default=1, help="model replicas (Ray places them on the cluster)")
     cmd.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
+    cmd.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
     cmd.add_argument("--address", default=None,
                      help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
     cmd.set_defaults(func=_serve_command)
@@ -518,7 +534,7 @@ def spec_from_args(args) -> ServeSpec:
                      device=args.device, precision=args.precision, options=options, top_k=args.top_k,
                      max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000.0, max_queue=args.max_queue,
                      max_image_pixels=args.max_image_pixels, seed=args.seed, num_cpus=args.num_cpus,
-                     allow_new_classes=args.allow_new_classes)
+                     num_gpus=args.num_gpus, allow_new_classes=args.allow_new_classes)
 
 
 def _serve_command(args) -> int:
