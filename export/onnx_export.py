@@ -45,13 +45,15 @@ class ExportReport:
     torch_ms: float
     onnxruntime_ms: float
     files: List[str] = field(default_factory=list)
+    provider: str = "CPUExecutionProvider"
+    provider_note: str = ""
 
     def summary(self) -> str:
         return (f"wrote {self.path} ({self.method}, {self.dtype}, {self.num_classes} classes, "
-                f"{self.image_size}px): onnxruntime vs PyTorch max |diff| {self.max_abs_diff:.2e} "
+                f"{self.image_size}px): onnxruntime ({self.provider}) vs PyTorch max |diff| {self.max_abs_diff:.2e} "
                 f"(max |logit| {self.max_abs_logit:.2f}), top-1 agreement {self.top1_agreement * 100:.1f}% "
                 f"over batches {self.batch_sizes}; batch {self.batch_sizes[-1]}: PyTorch {self.torch_ms:.1f} ms, "
-                f"onnxruntime {self.onnxruntime_ms:.1f} ms")
+                f"onnxruntime {self.onnxruntime_ms:.1f} ms" + (f"; {self.provider_note}" if self.provider_note else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,12 +146,74 @@ def _median_ms(fn, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str,
-                             batch_sizes: Sequence[int] = (1, 3), seed: int = 0, timing: bool = True) -> dict:
-    """Run the ONNX file in onnxruntime and ``graph`` in PyTorch on the same images."""
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")  # best first
+
+
+def provider_list(provider: str = "auto") -> List[str]:
+    """The onnxruntime providers to ask for, best first; a clear error for an unknown or missing one."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if provider not in ("auto", *PROVIDERS):
+        raise ExportError(f"unknown provider {provider!r}; choose one of auto, {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return [PROVIDERS[p] for p in AUTO_ORDER if PROVIDERS[p] in available]
+    if PROVIDERS[provider] not in available:
+        hint = " (install promptcore[gpu]: onnxruntime-gpu instead of onnxruntime)" if provider != "cpu" else ""
+        raise ExportError(f"provider {provider} ({PROVIDERS[provider]}) is not in this onnxruntime build "
+                          f"(available: {', '.join(available)}){hint}")
+    return [PROVIDERS[provider]] + ([] if provider == "cpu" else ["CPUExecutionProvider"])
+
+
+def open_session(path, provider: str = "auto"):
+    """An onnxruntime session on ``provider`` (auto|cpu|cuda|tensorrt); returns (session, provider used, note).
+
+    "auto" takes the best provider this onnxruntime build offers and says so in the note (on a
+    CPU-only build: CPU, said as a fallback). An explicit GPU provider that is missing from the build,
+    or that fails to start (onnxruntime then silently runs on CPU), raises :class:`ExportError`.
+    """
+    import onnxruntime as ort
+
+    wanted = provider_list(provider)
+    available = ort.get_available_providers()
+    session = ort.InferenceSession(str(path), providers=wanted)
+    used = session.get_providers()[0]
+    if provider not in ("auto", "cpu") and used != PROVIDERS[provider]:
+        raise ExportError(f"{PROVIDERS[provider]} is installed but failed to start (onnxruntime fell back to {used});"
+                          " check the CUDA/cuDNN/TensorRT libraries it needs")
+    note = ""
+    if provider == "auto":
+        note = (f"provider auto: {used} (best of {', '.join(available)})" if used != "CPUExecutionProvider" else
+                "provider auto: no GPU execution provider available, fell back to CPUExecutionProvider")
+    return session, used, note
+
+
+def ort_runner(session, feed: Dict[str, np.ndarray], provider: str):
+    """A no-argument callable running ``session`` through IO binding: inputs copied to the provider's device
+    once, outputs left there (no host round trip per run, as in a serving loop)."""
+    import onnxruntime as ort
+
+    device = "cuda" if provider in (PROVIDERS["cuda"], PROVIDERS["tensorrt"]) else "cpu"
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device)
+
+    def run():
+        session.run_with_iobinding(binding)
+        return binding
+
+    return run
+
+
+def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str,
+                             batch_sizes: Sequence[int] = (1, 3), seed: int = 0, timing: bool = True,
+                             provider: str = "auto") -> dict:
+    """Run the ONNX file in onnxruntime (on ``provider``) and ``graph`` in PyTorch on the same images."""
+    session, used, note = open_session(path, provider)
     input_name = session.get_inputs()[0].name
     device = next(graph.parameters()).device
     max_diff, max_logit, agree, total = 0.0, 0.0, 0, 0
@@ -169,13 +233,19 @@ def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += batch
     result = {"max_abs_diff": max_diff, "max_abs_logit": max_logit, "top1_agreement": agree / total,
-              "torch_ms": float("nan"), "onnxruntime_ms": float("nan")}
+              "torch_ms": float("nan"), "onnxruntime_ms": float("nan"), "provider": used, "provider_note": note}
     if timing and images is not None:
-        feed = {input_name: images.numpy()}
+        on_device = images.to(device)
         with torch.no_grad(), torch_backend():
-            result["torch_ms"] = _median_ms(lambda: graph(images.to(device)))
-        result["onnxruntime_ms"] = _median_ms(lambda: session.run(None, feed))
+            result["torch_ms"] = _median_ms(lambda: _synchronized(graph(on_device)))
+        result["onnxruntime_ms"] = _median_ms(ort_runner(session, {input_name: images.numpy()}, used))
     return result
+
+
+def _synchronized(out):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out
 
 
 def tolerance(dtype: str, max_abs_logit: float) -> float:
@@ -205,13 +275,14 @@ def check_output_path(path) -> Path:
 
 def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: str = "fp32",
             with_features: bool = False, batch_sizes: Sequence[int] = (1, 3), opset: Optional[int] = None,
-            extra_metadata: Optional[Dict[str, str]] = None, progress=None) -> ExportReport:
+            extra_metadata: Optional[Dict[str, str]] = None, progress=None, provider: str = "auto") -> ExportReport:
     """Export ``module`` (CoOp, CoCoOp or MaPLe) to ``path`` and verify it in onnxruntime.
 
     The graph maps ``images`` (batch, 3, H, W) to ``logits`` (batch, n_cls), plus normalised
     ``image_features`` with ``with_features``. ``dtype`` is "fp32" or "fp16" (inputs, weights and
     outputs). Models over 2 GB are saved with external data beside ``path``. Returns the report;
     raises :class:`ExportError` (leaving no file) when the check or the comparison fails.
+    ``provider`` (auto|cpu|cuda|tensorrt) is the onnxruntime execution provider of the comparison.
     """
     import onnx
 
@@ -220,6 +291,7 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = check_output_path(path)
+    provider_list(provider)  # an unknown or missing provider fails before the export work
     size = _image_size(module, image_size)
     outputs = ["logits", "image_features"] if with_features else ["logits"]
 
@@ -245,7 +317,7 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
             onnx.checker.check_model(str(tmp_model), full_check=False)
         step("comparing onnxruntime with PyTorch")
         with _stage("running the exported graph in onnxruntime against PyTorch"):
-            result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes)
+            result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes, provider=provider)
         allowed = tolerance(dtype, result["max_abs_logit"])
         if not result["max_abs_diff"] <= allowed:
             raise ExportError(f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > "

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .graphs import EXPORTABLE, ExportError, build_graph
-from .onnx_export import _stage, compare_with_onnxruntime, read_metadata, to_onnx, tolerance
+from .onnx_export import _stage, compare_with_onnxruntime, provider_list, read_metadata, to_onnx, tolerance
 from .serving import write_triton_repository
 
 SERVING = ("triton-server",)
@@ -137,8 +137,8 @@ def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
 
 def export_folder(module, out, dtype: str = "fp32", with_features: bool = False, serving: Optional[str] = None,
                   pretrained: Optional[str] = None, model_config: Optional[str] = None,
-                  progress: Optional[Callable[[str], None]] = None):
-    """Write a verified export folder for ``module``; returns the export report."""
+                  progress: Optional[Callable[[str], None]] = None, provider: str = "auto"):
+    """Write a verified export folder for ``module`` (verified on onnxruntime ``provider``); returns the report."""
     if serving is not None and serving not in SERVING:
         raise ExportError(f"unknown serving layout {serving!r}; choose one of {', '.join(SERVING)}")
     out = Path(out)
@@ -155,7 +155,7 @@ def export_folder(module, out, dtype: str = "fp32", with_features: bool = False,
                  "model_config": str(Path(model_config).resolve()) if model_config else ""}
         module.save(stage / "prompts.safetensors")
         report = to_onnx(module, stage / "model.onnx", dtype=dtype, with_features=with_features,
-                         extra_metadata=extra, progress=progress)
+                         extra_metadata=extra, progress=progress, provider=provider)
         if serving == "triton-server":
             if progress:
                 progress("writing the Triton Inference Server repository")
@@ -176,11 +176,12 @@ def export_folder(module, out, dtype: str = "fp32", with_features: bool = False,
     return report
 
 
-def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3)) -> Dict[str, object]:
-    """Rebuild the PyTorch module of an exported model and compare onnxruntime with it."""
+def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3), provider: str = "auto") -> Dict[str, object]:
+    """Rebuild the PyTorch module of an exported model and compare onnxruntime (on ``provider``) with it."""
     from promptcore.methods import get_method
     from promptcore.models import load_model
 
+    provider_list(provider)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
@@ -198,7 +199,8 @@ def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3)) -> Dict[
     dtype = str(meta["dtype"])
     graph = build_graph(module, dtype, "image_features" in meta.get("outputs", []))
     with _stage(f"running {onnx_path} in onnxruntime against PyTorch"):
-        result = compare_with_onnxruntime(graph, onnx_path, int(meta["image_size"]), dtype, batch_sizes)
+        result = compare_with_onnxruntime(graph, onnx_path, int(meta["image_size"]), dtype, batch_sizes,
+                                          provider=provider)
     result["tolerance"] = tolerance(dtype, result["max_abs_logit"])
     result["ok"] = bool(result["max_abs_diff"] <= result["tolerance"])
     result["method"] = meta["method"]

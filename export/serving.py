@@ -1,138 +1,130 @@
 """Serving layouts built on an exported model: a Triton Inference Server model repository.
 
 Layout: ``<root>/<name>/config.pbtxt``, ``<root>/<name>/labels.txt`` and
-``<root>/<name>/1/model.onnx``. The config is checked by parsing it back
-(:func:`parse_pbtxt`, a reader for the protobuf text-format subset Triton configs use) and
-comparing names, types and dims with the ONNX graph.
+``<root>/<name>/1/model.onnx``. The config is built as Triton's own ``inference.ModelConfig``
+protobuf message (``tritonclient.grpc.model_config_pb2``), written in protobuf text format, parsed
+back with ``google.protobuf.text_format`` against the same schema, and its inputs and outputs
+(names, data types, dims) are compared with the ONNX graph before anything is written.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import List, Sequence, Tuple
 
-ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32",
-                  16: "TYPE_BF16"}
-
-
-def _io_entries(values) -> List[Dict[str, object]]:
-    entries = []
-    for v in values:
-        tensor = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        entries.append({"name": v.name, "data_type": ONNX_TO_TRITON.get(tensor.elem_type, "TYPE_INVALID"),
-                        "dims": dims[1:]})  # the batch axis is Triton's, not part of dims
-    return entries
+# ONNX TensorProto element types -> Triton DataType enum names
+ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
+                  7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
 
 
-def render_config(name: str, inputs, outputs, max_batch_size: int, preferred: Sequence[int],
-                  label_output: str = "logits") -> str:
-    """The config.pbtxt text of an onnxruntime model with dynamic batching."""
-    def block(entries, labels):
-        parts = []
-        for e in entries:
-            lines = [f'    name: "{e["name"]}"', f'    data_type: {e["data_type"]}',
-                     f'    dims: [ {", ".join(str(d) for d in e["dims"])} ]']
-            if labels and e["name"] == label_output:
-                lines.append('    label_filename: "labels.txt"')
-            parts.append("  {\n" + "\n".join(lines) + "\n  }")
-        return ",\n".join(parts)
-
-    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-            f"input [\n{block(inputs, False)}\n]\noutput [\n{block(outputs, True)}\n]\n"
-            f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(str(b) for b in preferred)} ]\n"
-            f"  max_queue_delay_microseconds: 100\n}}\n")
+class ServingConfigError(ValueError):
+    """A Triton model config that does not follow Triton's schema or does not match its ONNX graph."""
 
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([\[\]{}:,])|([^\s\[\]{}:,"#]+))')
+def model_config_schema():
+    """Triton's ``ModelConfig`` protobuf module (from ``tritonclient[grpc]``), or a clear error."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise ServingConfigError("checking a Triton config needs Triton's ModelConfig schema from tritonclient: "
+                                 "pip install 'promptcore[serve]' (or 'tritonclient[grpc]')") from exc
+    return model_config_pb2
 
 
-def parse_pbtxt(text: str) -> Dict[str, object]:
-    """Parse protobuf text format (messages, repeated fields, lists, scalars) into dicts and lists.
+def onnx_io(model) -> Tuple[List[Tuple[str, str, List[int]]], List[Tuple[str, str, List[int]]]]:
+    """(name, Triton data type, dims without the batch axis) of an ONNX graph's inputs and outputs."""
+    def entries(values):
+        out = []
+        for v in values:
+            tensor = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+            if tensor.elem_type not in ONNX_TO_TRITON:
+                raise ServingConfigError(f"ONNX tensor {v.name!r} has element type {tensor.elem_type}, which Triton "
+                                         "cannot serve")
+            out.append((v.name, ONNX_TO_TRITON[tensor.elem_type], dims[1:]))  # the batch axis is Triton's
+        return out
 
-    Repeated keys and ``key [ ... ]`` lists both become Python lists.
-    """
-    tokens = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            if text[pos:].strip() == "":
-                break
-            raise ValueError(f"cannot parse config at character {pos}: {text[pos:pos + 20]!r}")
-        pos = m.end()
-        if m.group(1):
-            continue
-        tok = m.group(2) or m.group(3) or m.group(4)
-        if tok:
-            tokens.append(tok)
+    return entries(model.graph.input), entries(model.graph.output)
 
-    def scalar(tok):
-        if tok.startswith('"'):
-            return bytes(tok[1:-1], "utf-8").decode("unicode_escape")
-        for cast in (int, float):
-            try:
-                return cast(tok)
-            except ValueError:
-                pass
-        return tok
 
-    def value(i):
-        tok = tokens[i]
-        if tok == "{":
-            return message(i + 1, "}")
-        if tok == "[":
-            items, i = [], i + 1
-            while tokens[i] != "]":
-                item, i = value(i)
-                items.append(item)
-                if tokens[i] == ",":
-                    i += 1
-            return items, i + 1
-        return scalar(tok), i + 1
+def build_config(name: str, inputs, outputs, max_batch_size: int, preferred: Sequence[int],
+                 label_output: str = "logits", max_queue_delay_us: int = 100):
+    """Triton's ``ModelConfig`` message for an onnxruntime model with dynamic batching."""
+    pb = model_config_schema()
+    config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=int(max_batch_size))
+    for tensor_name, data_type, dims in inputs:
+        config.input.add(name=tensor_name, data_type=pb.DataType.Value(data_type), dims=list(dims))
+    for tensor_name, data_type, dims in outputs:
+        entry = config.output.add(name=tensor_name, data_type=pb.DataType.Value(data_type), dims=list(dims))
+        if tensor_name == label_output:
+            entry.label_filename = "labels.txt"
+    config.dynamic_batching.preferred_batch_size.extend(int(b) for b in preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    return config
 
-    def message(i, end):
-        out: Dict[str, object] = {}
-        while i < len(tokens) and tokens[i] != end:
-            key = tokens[i]
-            i += 1
-            if tokens[i] == ":":
-                i += 1
-            val, i = value(i)
-            if key in out:
-                prev = out[key]
-                out[key] = (prev if isinstance(prev, list) else [prev]) + (val if isinstance(val, list) else [val])
-            else:
-                out[key] = val
-            if i < len(tokens) and tokens[i] == ",":
-                i += 1
-        if end and (i >= len(tokens) or tokens[i] != end):
-            raise ValueError("unbalanced braces in config")
-        return out, i + 1
 
-    result, _ = message(0, "")
-    return result
+def render_config(config) -> str:
+    """The config.pbtxt text (protobuf text format) of a ``ModelConfig`` message."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str):
+    """Parse config.pbtxt text with Triton's schema; an unknown field or a wrongly typed value raises
+    :class:`ServingConfigError` naming it (protobuf's message gives the line, column and field)."""
+    from google.protobuf import text_format
+
+    pb = model_config_schema()
+    try:
+        return text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ServingConfigError(f"config.pbtxt does not follow Triton's ModelConfig schema: {exc}") from exc
+
+
+def check_config(config, model) -> None:
+    """Compare a ``ModelConfig`` with its ONNX graph: platform, batching, and every input and output's
+    name, data type and dims; raise :class:`ServingConfigError` naming the first difference."""
+    pb = model_config_schema()
+    if config.platform != "onnxruntime_onnx" and config.backend != "onnxruntime":
+        raise ServingConfigError(f"config.pbtxt platform {config.platform!r} is not onnxruntime_onnx")
+    if config.max_batch_size < 1:
+        raise ServingConfigError(f"config.pbtxt max_batch_size is {config.max_batch_size}: the ONNX graph has a "
+                                 "dynamic batch axis, so max_batch_size must be >= 1")
+    bad = [b for b in config.dynamic_batching.preferred_batch_size if not 1 <= b <= config.max_batch_size]
+    if bad:
+        raise ServingConfigError(f"config.pbtxt dynamic_batching.preferred_batch_size {bad[0]} is outside "
+                                 f"1..max_batch_size ({config.max_batch_size})")
+    graph_inputs, graph_outputs = onnx_io(model)
+    for kind, entries, graph in (("input", config.input, graph_inputs), ("output", config.output, graph_outputs)):
+        written = [(e.name, pb.DataType.Name(e.data_type), list(e.dims)) for e in entries]
+        if [w[0] for w in written] != [g[0] for g in graph]:
+            raise ServingConfigError(f"config.pbtxt {kind} names {[w[0] for w in written]} differ from the ONNX "
+                                     f"graph's {[g[0] for g in graph]}")
+        for (tensor, dtype, dims), (_, graph_dtype, graph_dims) in zip(written, graph):
+            if dtype != graph_dtype:
+                raise ServingConfigError(f"config.pbtxt {kind} {tensor!r} field data_type is {dtype}, the ONNX "
+                                         f"graph's is {graph_dtype}")
+            if dims != graph_dims:
+                raise ServingConfigError(f"config.pbtxt {kind} {tensor!r} field dims is {dims}, the ONNX graph's "
+                                         f"is {graph_dims} (without the batch axis)")
 
 
 def write_triton_repository(root, onnx_path, name: str, classnames: Sequence[str], max_batch_size: int = 64,
                             preferred: Sequence[int] = (8, 16, 32)) -> Path:
-    """Write a Triton model repository for ``onnx_path`` under ``root`` and check it by parsing it back."""
+    """Write a Triton model repository for ``onnx_path`` under ``root``, checked against Triton's schema
+    and the ONNX graph before any file is written."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    inputs = _io_entries(model.graph.input)
-    outputs = _io_entries(model.graph.output)
-    text = render_config(name, inputs, outputs, max_batch_size, [b for b in preferred if b <= max_batch_size])
-    parsed = parse_pbtxt(text)
-    for kind, entries in (("input", inputs), ("output", outputs)):
-        got = parsed[kind]
-        if [(e["name"], e["data_type"], list(e["dims"])) for e in got] != \
-                [(e["name"], e["data_type"], list(e["dims"])) for e in entries]:
-            raise ValueError(f"config.pbtxt {kind} entries do not match the ONNX graph")
-    if parsed["name"] != name or parsed["max_batch_size"] != max_batch_size:
-        raise ValueError("config.pbtxt does not read back as written")
+    inputs, outputs = onnx_io(model)
+    config = build_config(name, inputs, outputs, max_batch_size, [b for b in preferred if b <= max_batch_size])
+    text = render_config(config)
+    parsed = parse_config(text)
+    if parsed != config:
+        raise ServingConfigError("config.pbtxt does not read back as written")
+    check_config(parsed, model)
     folder = Path(root) / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(text)
@@ -143,3 +135,12 @@ def write_triton_repository(root, onnx_path, name: str, classnames: Sequence[str
     if external.exists():
         shutil.copy2(external, folder / "1" / external.name)
     return folder
+
+
+def check_repository(folder) -> None:
+    """Check a written model folder: its config.pbtxt against Triton's schema and its ONNX graph."""
+    import onnx
+
+    folder = Path(folder)
+    config = parse_config((folder / "config.pbtxt").read_text())
+    check_config(config, onnx.load(str(folder / "1" / "model.onnx"), load_external_data=False))

@@ -49,7 +49,7 @@ def _export(args) -> int:
     module.model_name = args.model
     report = export_folder(module, args.out, dtype=args.dtype, with_features=args.with_features,
                            serving=args.serving, pretrained=args.pretrained, model_config=args.model_config,
-                           progress=step)
+                           progress=step, provider=args.provider)
     print(report.summary())
     for f in report.files:
         print(f"  {f}")
@@ -59,12 +59,15 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from promptcore.export.pipeline import verify_folder_model
 
-    result = verify_folder_model(args.model, batch_sizes=tuple(args.batch))
+    result = verify_folder_model(args.model, batch_sizes=tuple(args.batch), provider=args.provider)
     status = "ok" if result["ok"] else "MISMATCH"
-    print(f"{status}: {args.model} ({result['method']}, {result['num_classes']} classes): onnxruntime vs PyTorch "
+    print(f"{status}: {args.model} ({result['method']}, {result['num_classes']} classes): onnxruntime "
+          f"({result['provider']}) vs PyTorch "
           f"max |diff| {result['max_abs_diff']:.2e} (allowed {result['tolerance']:.2e}), top-1 agreement "
           f"{result['top1_agreement'] * 100:.1f}%; PyTorch {result['torch_ms']:.1f} ms, onnxruntime "
           f"{result['onnxruntime_ms']:.1f} ms at batch {args.batch[-1]}")
+    if result["provider_note"]:
+        print(result["provider_note"])
     return 0 if result["ok"] else 1
 
 
@@ -222,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--csc", action="store_true", help="CoOp class-specific context")
     exp.add_argument("--class-token-position", default=None, choices=["end", "middle", "front"])
     exp.add_argument("--depth", type=int, default=None, help="MaPLe prompt depth (default: from the checkpoint)")
+    exp.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
+                     help="onnxruntime execution provider of the verification (auto: the best available)")
     exp.add_argument("--device", default="cpu")
     exp.add_argument("--quiet", action="store_true", help="no progress display")
     exp.set_defaults(func=_export)
@@ -229,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="run an exported model in onnxruntime and PyTorch on the same inputs")
     ver.add_argument("model", help="model.onnx written by promptcore export")
     ver.add_argument("--batch", type=int, nargs="+", default=[1, 3], help="batch sizes to compare")
+    ver.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
+                     help="onnxruntime execution provider (auto: the best available, said in the report)")
     ver.set_defaults(func=_verify)
 
     ev = sub.add_parser("eval", help="accuracy of learned prompts (or zero-shot) over an ImageFolder-layout folder; "
@@ -263,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="amp: fp32 weights, fp16 autocast on CUDA and fp32 elsewhere (official); amp_bf16: "
                           "fp32 weights under bf16 autocast; others: weights in that dtype")
     tpt.set_defaults(func=_tpt)
+    from .serve import add_serve_subparser
+    add_serve_subparser(sub)
     return parser
 
 

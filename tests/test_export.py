@@ -14,7 +14,7 @@ from test_checkpoints import write_dassl_checkpoint
 import promptcore
 from promptcore.cli import main
 from promptcore.export import ExportError, read_metadata, to_onnx
-from promptcore.export.serving import parse_pbtxt
+from promptcore.export.serving import ServingConfigError, check_config, check_repository, parse_config
 
 TINY_CONFIG = {"embed_dim": 32, "quick_gelu": True,
                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
@@ -111,11 +111,13 @@ def test_cli_export_verify_and_serving(tiny_release, capsys):
     (logits,) = _ort_logits(out / "model.onnx", images)
     with torch.no_grad():
         np.testing.assert_allclose(logits, coop.eval()(images).numpy(), atol=1e-4)
-    config = parse_pbtxt((out / "triton-server" / "promptcore_coop" / "config.pbtxt").read_text())
-    assert config["platform"] == "onnxruntime_onnx" and config["max_batch_size"] == 64
-    assert config["input"][0]["name"] == "images" and config["input"][0]["dims"] == [3, 32, 32]
-    assert config["output"][0]["dims"] == [len(MIXED_NAMES)] and config["output"][0]["data_type"] == "TYPE_FP32"
-    assert "preferred_batch_size" in config["dynamic_batching"]
+    config = parse_config((out / "triton-server" / "promptcore_coop" / "config.pbtxt").read_text())
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 64
+    assert config.input[0].name == "images" and list(config.input[0].dims) == [3, 32, 32]
+    assert list(config.output[0].dims) == [len(MIXED_NAMES)] and config.output[0].data_type == 11  # TYPE_FP32
+    assert config.output[0].label_filename == "labels.txt"
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    check_repository(out / "triton-server" / "promptcore_coop")
     assert (out / "triton-server" / "promptcore_coop" / "1" / "model.onnx").is_file()
     labels = (out / "triton-server" / "promptcore_coop" / "labels.txt").read_text().splitlines()
     assert labels == MIXED_NAMES
@@ -220,3 +222,33 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     assert sorted(p.name for p in (folder / "1").iterdir()) == ["big.onnx.data", "model.onnx"]
     (served,) = _ort_logits(folder / "1" / "model.onnx", images)
     np.testing.assert_allclose(served, logits)
+
+
+@pytest.fixture(scope="module")
+def served_repo(tmp_path_factory):
+    from promptcore.export.serving import write_triton_repository
+
+    root = tmp_path_factory.mktemp("repo")
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES[:3], n_ctx=4, seed=0).eval()
+    to_onnx(coop, root / "m.onnx")
+    return write_triton_repository(root / "repo", root / "m.onnx", "m", MIXED_NAMES[:3])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t + "no_such_field: 3\n", 'no field named "no_such_field"'),
+    (lambda t: t.replace("max_batch_size: 64", 'max_batch_size: "lots"'), "max_batch_size"),
+    (lambda t: t.replace("data_type: TYPE_FP32", "data_type: TYPE_FP33", 1), "TYPE_FP33"),
+    (lambda t: t.replace("data_type: TYPE_FP32", "data_type: TYPE_FP16", 1), "input 'images' field data_type"),
+    (lambda t: t.replace("dims: 32\n", "dims: 31\n", 1), "input 'images' field dims"),
+    (lambda t: t.replace('name: "logits"', 'name: "scores"'), "output names ['scores']"),
+    (lambda t: t.replace("max_batch_size: 64", "max_batch_size: 4"), "preferred_batch_size 8"),
+    (lambda t: t.replace('platform: "onnxruntime_onnx"', 'platform: "tensorflow_savedmodel"'), "platform"),
+])
+def test_serving_config_is_checked_against_triton_schema(served_repo, edit, message):
+    import onnx
+
+    text = (served_repo / "config.pbtxt").read_text()
+    graph = onnx.load(str(served_repo / "1" / "model.onnx"))
+    check_config(parse_config(text), graph)  # the written config passes
+    with pytest.raises(ServingConfigError, match=re.escape(message)):
+        check_config(parse_config(edit(text)), graph)

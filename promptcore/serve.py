@@ -1,0 +1,545 @@
+"""``promptcore serve``: a promptcore module behind Ray Serve, with dynamic batching.
+
+Why Ray Serve and not PyTriton: PyTriton (nvidia-pytriton 0.5.x-0.7.0) pins ``numpy<2``, which has
+no wheels for Python >= 3.13 and would hold the whole project back on numpy 1.x; its bundled
+Python-backend stub is also built only up to 3.13 and links ``libpython3.X.so.1.0`` by name, so it
+loads whatever libpython the dynamic loader finds first. That is the
+``'_thread.RLock' object has no attribute '_recursion_count'`` failure: on a host whose Python
+(e.g. pyenv 3.11.7) is not the system's, the stub loads the system libpython (Debian's 3.11.2)
+and then imports the host's 3.11.7 standard library, whose ``multiprocessing.resource_tracker``
+calls an RLock method that 3.11.2's C code lacks. Putting the host's
+``sysconfig.get_config_var("LIBDIR")`` first on ``LD_LIBRARY_PATH`` fixes that one, but not the
+numpy pin, nor interpreters built without a shared libpython. Ray Serve installs from PyPI on
+every Python promptcore supports, batches with ``@serve.batch`` and scales to replicas and clusters.
+
+Data path: HTTP request -> Ray's proxy -> a replica's ``__call__``, which parses and validates
+the request (bad requests are answered there and never reach a batch) -> ``@serve.batch`` groups
+requests up to ``max_batch`` images -> one forward pass of the module in a worker thread ->
+responses split per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+APP_NAME = "promptcore"
+METHODS = ("coop", "cocoop", "maple", "zeroshot", "tpt")
+NEEDS_CHECKPOINT = ("coop", "cocoop", "maple")
+ENCODED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
+
+
+class RequestError(Exception):
+    """A request the server refuses, with its HTTP status (400 bad input, 413 too large, 503 overloaded)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ServeSpec:
+    """Everything a replica needs to build its module and answer requests (plain data: it travels to
+    Ray workers)."""
+
+    method: str
+    model: str
+    classnames: List[str]
+    pretrained: Optional[str] = None
+    model_config: Optional[str] = None
+    checkpoint: Optional[str] = None
+    templates: Optional[str] = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    options: Dict[str, Any] = field(default_factory=dict)
+    top_k: int = 5
+    max_batch: int = 32
+    batch_wait_s: float = 0.005
+    max_queue: int = 256
+    max_image_pixels: int = 40_000_000
+    max_body_bytes: int = 64 << 20
+    seed: int = 0
+    num_cpus: float = 1.0
+    num_gpus: Optional[float] = None  # None: 1 for a cuda device (Ray hides GPUs from actors that ask for none)
+    allow_new_classes: bool = False
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method in NEEDS_CHECKPOINT and not self.checkpoint:
+            raise ValueError(f"serving {self.method} needs --checkpoint (its learned prompts: an official checkpoint "
+                             "or a promptcore .safetensors file)")
+        if not self.classnames:
+            raise ValueError("no class names: pass --classnames FILE or --dataset NAME")
+        for name, value, low in (("top_k", self.top_k, 1), ("max_batch", self.max_batch, 1),
+                                 ("max_queue", self.max_queue, 1), ("max_image_pixels", self.max_image_pixels, 1),
+                                 ("max_body_bytes", self.max_body_bytes, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s!r}")
+        if str(self.device).startswith("cuda") and self.num_gpus is not None and self.num_gpus <= 0:
+            raise ValueError("a cuda device needs --num-gpus > 0 per replica (Ray hides GPUs from other actors)")
+
+    def gpus_per_replica(self) -> float:
+        if self.num_gpus is not None:
+            return float(self.num_gpus)
+        return 1.0 if str(self.device).startswith("cuda") else 0.0
+
+
+def build_module(spec: ServeSpec):
+    """The promptcore module a spec describes, in eval mode on its device."""
+    from promptcore.export.pipeline import build_from_checkpoint, register_model_config
+    from promptcore.methods import get_method
+    from promptcore.models import load_model
+
+    spec.check()
+    if spec.model_config:
+        register_model_config(spec.model_config)
+    model, tokenizer = load_model(spec.model, spec.pretrained, spec.device, spec.precision)
+    options = {k: v for k, v in spec.options.items() if v is not None}
+    if spec.method == "zeroshot":
+        cls = get_method("zeroshot")
+        templates = spec.templates or "openai"
+        if templates not in ("openai", "simple"):
+            from .models import read_classnames
+
+            templates = read_classnames(templates)  # a file of format strings, one per line
+        module = cls(model, spec.classnames, templates=templates, tokenizer=tokenizer, **options)
+    elif spec.method == "tpt":
+        cls = get_method("tpt")
+        module = cls(model, spec.classnames, tokenizer=tokenizer, seed=spec.seed, **options)
+        if spec.checkpoint:
+            if str(spec.checkpoint).endswith(".safetensors"):
+                module.load(spec.checkpoint)
+            else:
+                module.load_official(spec.checkpoint)
+    else:
+        module = build_from_checkpoint(spec.method, model, tokenizer, spec.checkpoint, spec.classnames, options,
+                                       allow_new_classes=spec.allow_new_classes)
+    return module.eval()
+
+
+@dataclass
+class Item:
+    """One parsed request: its images ready for the module, and its answer options."""
+
+    images: torch.Tensor  # (n, 3, S, S) preprocessed, or TPT's views (n, V, 3, S, S)
+    top_k: int
+    count: int
+
+
+class Classifier:
+    """Request parsing, validation and batched inference around one module (no engine code: the Ray
+    deployment and the tests drive it alike)."""
+
+    def __init__(self, module, spec: ServeSpec):
+        import open_clip
+
+        self.module, self.spec = module, spec
+        self.classnames = list(module.classnames)
+        self.is_tpt = spec.method == "tpt"
+        visual = module.model.visual
+        size = getattr(visual, "image_size", None)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        cfg = open_clip.get_model_preprocess_cfg(module.model)
+        # open_clip's own eval transform: resize, center crop, to tensor, normalise with the model's mean/std
+        self.preprocess = open_clip.image_transform(
+            self.image_size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
+            resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+            fill_color=cfg.get("fill_color", 0))
+        self.device = next(module.model.parameters()).device
+        self.pending = 0
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0, "max_batch_images": 0,
+                      "batch_requests_histogram": {}, "rejected": 0, "overloaded": 0}
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it when ``max_queue`` requests are already waiting or running."""
+        with self._lock:
+            if self.pending >= self.spec.max_queue:
+                self.stats["overloaded"] += 1
+                raise RequestError(503, f"overloaded: {self.pending} requests are queued or running on this "
+                                        f"replica (limit {self.spec.max_queue}); retry later")
+            self.pending += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    # -- parsing ------------------------------------------------------------------------------
+
+    def parse(self, body: bytes, content_type: str, query: Optional[Dict[str, str]] = None) -> Item:
+        """Validate one request and turn it into module-ready images; raise :class:`RequestError`."""
+        try:
+            return self._parse(body, content_type, query or {})
+        except RequestError:
+            with self._lock:
+                self.stats["rejected"] += 1
+            raise
+
+    def _parse(self, body: bytes, content_type: str, query: Dict[str, str]) -> Item:
+        if len(body) > self.spec.max_body_bytes:
+            raise RequestError(413, f"request body is {len(body)} bytes, the limit is {self.spec.max_body_bytes}")
+        if not body:
+            raise RequestError(400, "empty request body: send a JSON object, an .npy array or an encoded image")
+        kind = (content_type or "").split(";")[0].strip().lower()
+        top_k, seed = query.get("top_k"), query.get("seed")
+        if kind == "application/json":
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+            if not isinstance(payload, dict):
+                raise RequestError(400, 'the JSON body must be an object with "images" or "encoded"')
+            top_k = payload.get("top_k", top_k)
+            seed = payload.get("seed", seed)
+            if ("images" in payload) == ("encoded" in payload):
+                raise RequestError(400, 'the JSON body needs exactly one of "images" (float array (N, 3, H, W)) '
+                                        'and "encoded" (list of base64 JPEG/PNG strings)')
+            if "images" in payload:
+                images = self._float_images(self._json_array(payload["images"]))
+            else:
+                images = self._encoded_list(payload["encoded"])
+        elif kind in ("application/x-npy", "application/npy"):
+            import numpy as np
+
+            try:
+                array = np.load(io.BytesIO(body), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise RequestError(400, f"request body is not a readable .npy array: {exc}") from exc
+            images = self._float_images(array)
+        elif kind in ENCODED_TYPES or kind.startswith("image/"):
+            images = self._encoded_list([body], raw=True)
+        else:
+            raise RequestError(400, f"unsupported content type {content_type!r}: use application/json, "
+                                    "application/x-npy or an image type (image/jpeg, image/png)")
+        top_k = self._int_option("top_k", top_k, self.spec.top_k, 1)
+        seed = self._int_option("seed", seed, self.spec.seed, 0)
+        count = len(images)
+        if self.is_tpt:
+            images = self._tpt_views(images, seed)
+        else:
+            images = torch.stack(images) if isinstance(images, list) else images
+        return Item(images=images, top_k=min(top_k, len(self.classnames)), count=count)
+
+    @staticmethod
+    def _int_option(name, value, default, low) -> int:
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise RequestError(400, f"{name} must be an integer, got {value!r}") from None
+        if isinstance(value, float) and value != number or number < low:
+            raise RequestError(400, f"{name} must be an integer >= {low}, got {value!r}")
+        return number
+
+    @staticmethod
+    def _json_array(value):
+        import numpy as np
+
+        try:
+            array = np.asarray(value)
+        except ValueError as exc:  # ragged nesting
+            raise RequestError(400, f'"images" is not a rectangular array: {exc}') from exc
+        if array.dtype.kind not in "fiu" or array.dtype == bool:
+            raise RequestError(400, f'"images" must hold numbers, got {array.dtype} values')
+        return array.astype(np.float32)
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise RequestError(400, "empty batch: the request holds no images")
+        if n > self.spec.max_batch:
+            raise RequestError(413, f"the request holds {n} images, more than --max-batch ({self.spec.max_batch})")
+
+    def _float_images(self, array):
+        """(N, 3, H, W) float32: preprocessed images (H, W = the model's size), or raw 0..1 pixels for TPT."""
+        import numpy as np
+
+        if array.dtype != np.float32:
+            raise RequestError(400, f"images must be float32, got {array.dtype}")
+        if array.ndim != 4 or array.shape[1] != 3:
+            raise RequestError(400, f"images must be (N, 3, H, W), got shape {tuple(array.shape)}")
+        self._check_count(array.shape[0])
+        if not self.is_tpt and tuple(array.shape[2:]) != self.image_size:
+            raise RequestError(400, f"images are {tuple(array.shape[2:])} pixels, the model expects "
+                                    f"{self.image_size} (send preprocessed images, or JPEG/PNG bytes)")
+        if array.shape[2] * array.shape[3] > self.spec.max_image_pixels:
+            raise RequestError(413, f"images of {array.shape[2]}x{array.shape[3]} pixels exceed the limit of "
+                                    f"{self.spec.max_image_pixels} pixels")
+        if not np.isfinite(array).all():
+            raise RequestError(400, "images hold NaN or infinite values")
+        if self.is_tpt and (array.min() < 0 or array.max() > 1):
+            raise RequestError(400, "TPT takes raw images with values in 0..1 (it makes its own views)")
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _encoded_list(self, values, raw: bool = False) -> List[torch.Tensor]:
+        if not isinstance(values, list):
+            raise RequestError(400, '"encoded" must be a list of base64 strings')
+        self._check_count(len(values))
+        images = []
+        for i, value in enumerate(values):
+            if raw:
+                data = value
+            else:
+                if not isinstance(value, str):
+                    raise RequestError(400, f"encoded image {i} is not a base64 string")
+                try:
+                    data = base64.b64decode(value, validate=True)
+                except ValueError as exc:
+                    raise RequestError(400, f"encoded image {i} is not valid base64: {exc}") from exc
+            images.append(self.decode(data, i))
+        return images
+
+    def decode(self, data: bytes, index: int = 0) -> torch.Tensor:
+        """Decode JPEG/PNG bytes: open_clip's eval transform (3, S, S), or uint8 RGB (3, H, W) for TPT."""
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise RequestError(400, f"image {index} is not a decodable image (JPEG, PNG, ...): {exc}") from exc
+        width, height = img.size
+        if width * height > self.spec.max_image_pixels:
+            raise RequestError(413, f"image {index} is {width}x{height} pixels, more than the limit of "
+                                    f"{self.spec.max_image_pixels} pixels")
+        try:
+            img.load()
+            rgb = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise RequestError(400, f"image {index} cannot be decoded: {exc}") from exc
+        if self.is_tpt:
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous().to(self.device)
+        return self.preprocess(rgb).to(self.device)
+
+    def _tpt_views(self, images, seed: int) -> torch.Tensor:
+        images = list(images.unbind(0)) if isinstance(images, torch.Tensor) else images
+        generator = torch.Generator().manual_seed(seed)  # per request: batching never changes its views
+        try:
+            return self.module.make_views(images, generator)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(400, str(exc)) from exc
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def run_batch(self, items: List[Item]) -> List[Dict[str, Any]]:
+        """One forward pass over the images of many requests; one response per request."""
+        images = torch.cat([item.images for item in items])
+        if self.is_tpt:
+            logits = self.module.adapt(images).logits  # each image its own context and optimizer state
+        else:
+            with torch.no_grad():
+                logits = self.module(images)
+        logits = logits.float().cpu()
+        with self._lock:
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(items)
+            self.stats["images"] += len(images)
+            self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(items))
+            self.stats["max_batch_images"] = max(self.stats["max_batch_images"], len(images))
+            hist = self.stats["batch_requests_histogram"]
+            hist[str(len(items))] = hist.get(str(len(items)), 0) + 1
+        out, start = [], 0
+        for item in items:
+            part = logits[start:start + item.count]
+            start += item.count
+            out.append(self.response(part, item.top_k))
+        return out
+
+    def response(self, logits: torch.Tensor, top_k: int) -> Dict[str, Any]:
+        """Logits and the top-k labels with their softmax probabilities."""
+        probs = logits.softmax(dim=-1)
+        scores, index = probs.topk(top_k, dim=-1)
+        predictions = [[{"label": self.classnames[j], "index": int(j), "score": float(s)}
+                        for s, j in zip(row_s.tolist(), row_i.tolist())] for row_s, row_i in zip(scores, index)]
+        return {"logits": logits.tolist(), "predictions": predictions}
+
+    def info(self) -> Dict[str, Any]:
+        return {"status": "ready", "method": self.spec.method, "model": self.spec.model,
+                "num_classes": len(self.classnames), "image_size": list(self.image_size),
+                "max_batch": self.spec.max_batch, "max_queue": self.spec.max_queue, "device": str(self.device)}
+
+
+def make_app(spec: ServeSpec, replicas: int = 1):
+    """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas)."""
+    import asyncio
+
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    spec.check()
+
+    @serve.deployment(name=f"{APP_NAME}_{spec.method}", num_replicas=replicas,
+                      max_ongoing_requests=spec.max_queue + spec.max_batch,
+                      max_queued_requests=spec.max_queue,
+                      ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.gpus_per_replica()},
+                      graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=60,
+                      max_constructor_retry_count=1)
+    class PromptcoreDeployment:
+        def __init__(self, spec_fields: Dict[str, Any]):
+            replica_spec = ServeSpec(**spec_fields)
+            if replica_spec.device == "cpu":
+                torch.set_num_threads(max(1, int(replica_spec.num_cpus)))
+            self.classifier = Classifier(build_module(replica_spec), replica_spec)
+
+        @serve.batch(max_batch_size=spec.max_batch, batch_wait_timeout_s=spec.batch_wait_s,
+                     batch_size_fn=lambda items: sum(item.count for item in items))
+        async def infer(self, items: List[Item]) -> List[Dict[str, Any]]:
+            # a worker thread, so the event loop keeps queueing requests for the next batch meanwhile
+            return await asyncio.get_running_loop().run_in_executor(None, self.classifier.run_batch, items)
+
+        async def __call__(self, request):
+            path = request.url.path.rstrip("/") or "/"
+            if request.method == "GET":
+                if path in ("/health", "/ready"):
+                    return JSONResponse(self.classifier.info())
+                if path == "/stats":
+                    return JSONResponse({**self.classifier.stats, "pending": self.classifier.pending})
+                return JSONResponse({"error": f"no GET route {path}; use /health, /ready or /stats"}, status_code=404)
+            if request.method != "POST" or path not in ("/", "/classify"):
+                return JSONResponse({"error": f"use POST /classify (got {request.method} {path})"}, status_code=404)
+            try:
+                self.classifier.admit()
+            except RequestError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            try:
+                body = await request.body()
+                # decoding and preprocessing off the event loop, so other requests keep arriving
+                item = await asyncio.get_running_loop().run_in_executor(
+                    None, self.classifier.parse, body, request.headers.get("content-type", ""),
+                    dict(request.query_params))
+                result = await self.infer(item)
+                return JSONResponse({"method": self.classifier.spec.method, **result})
+            except RequestError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving; the client learns why
+                return JSONResponse({"error": f"inference failed: {type(exc).__name__}: {exc}"}, status_code=500)
+            finally:
+                self.classifier.release()
+
+    return PromptcoreDeployment.bind(asdict(spec))
+
+
+def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
+                  replicas: int = 1, log=print) -> int:
+    """Start (or join, with ``address``) a Ray cluster, deploy ``spec`` and serve until SIGTERM/SIGINT.
+
+    Shutdown is graceful: Ray Serve stops routing new requests to the replicas and lets the ones in
+    flight finish (up to a minute) before the process exits with status 0.
+    """
+    spec.check()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports phoned home
+    # Ray's proxies keep draining 30 s on shutdown for external load balancers to notice; in-flight
+    # requests are covered by the replicas' own graceful shutdown, so a short drain is enough here.
+    for name in ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        os.environ.setdefault(name, "2")
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    ray.init(address=address, include_dashboard=False, namespace=APP_NAME, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(make_app(spec, replicas), name=APP_NAME, route_prefix="/")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())  # after ray.init, which installs its own SIGTERM exit
+        log(f"promptcore serve: ready on http://{host}:{port}/classify ({spec.method}, {len(spec.classnames)} "
+            f"classes, {replicas} replica(s), max batch {spec.max_batch} images)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        log("promptcore serve: shutting down (finishing requests in flight)", flush=True)
+        t0 = time.perf_counter()
+        if address:
+            serve.delete(APP_NAME)  # leave a shared cluster's other applications running
+        else:
+            serve.shutdown()
+        log(f"promptcore serve: stopped in {time.perf_counter() - t0:.1f} s", flush=True)
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def add_serve_subparser(sub) -> None:
+    """Register ``promptcore serve``."""
+    cmd = sub.add_parser("serve", help="serve a promptcore module over HTTP on Ray Serve with dynamic batching")
+    cmd.add_argument("--method", required=True, choices=METHODS)
+    cmd.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local weights file")
+    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    cmd.add_argument("--checkpoint", default=None,
+                     help="learned prompts: official checkpoint or promptcore .safetensors (coop/cocoop/maple; "
+                          "optional for tpt)")
+    names = cmd.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classnames", default=None, help="class names, one per line")
+    names.add_argument("--dataset", default=None, help="built-in class list, e.g. imagenet")
+    cmd.add_argument("--allow-new-classes", action="store_true",
+                     help="accept class names other than an official checkpoint's training classes")
+    cmd.add_argument("--templates", default=None, help="zeroshot templates: openai, simple or a file")
+    cmd.add_argument("--n-ctx", type=int, default=None)
+    cmd.add_argument("--ctx-init", default=None)
+    cmd.add_argument("--n-views", type=int, default=None, help="TPT views per image (official 64)")
+    cmd.add_argument("--tpt-steps", type=int, default=None, help="TPT optimizer steps per image")
+    cmd.add_argument("--device", default="cpu", help="cpu or cuda")
+    cmd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    cmd.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
+    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("--max-batch", type=int, default=32, help="images per forward pass (and per request)")
+    cmd.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    cmd.add_argument("--max-queue", type=int, default=256,
+                     help="requests queued or running per replica before new ones get 503 overloaded")
+    cmd.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image accepted (pixels)")
+    cmd.add_argument("--top-k", type=int, default=5, help="labels returned per image (default 5)")
+    cmd.add_argument("--seed", type=int, default=0, help="TPT's default view seed (requests may pass their own)")
+    cmd.add_argument("--replicas", type=int, default=1, help="model replicas (Ray places them on the cluster)")
+    cmd.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
+    cmd.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
+    cmd.add_argument("--address", default=None,
+                     help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
+    cmd.set_defaults(func=_serve_command)
+
+
+def spec_from_args(args) -> ServeSpec:
+    """The serving spec of parsed ``promptcore serve`` arguments."""
+    from .models import builtin_classnames, read_classnames
+
+    classnames = read_classnames(args.classnames) if args.classnames else builtin_classnames(args.dataset)
+    options = {"n_ctx": args.n_ctx, "ctx_init": args.ctx_init}
+    if args.method == "tpt":
+        options.update(n_views=args.n_views, steps=args.tpt_steps)
+    elif args.n_views is not None or args.tpt_steps is not None:
+        raise ValueError("--n-views and --tpt-steps apply to --method tpt only")
+    if args.method == "zeroshot":
+        options = {}
+    elif args.templates:
+        raise ValueError("--templates applies to --method zeroshot only")
+    return ServeSpec(method=args.method, model=args.model, classnames=classnames, pretrained=args.pretrained,
+                     model_config=args.model_config, checkpoint=args.checkpoint, templates=args.templates,
+                     device=args.device, precision=args.precision, options=options, top_k=args.top_k,
+                     max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000.0, max_queue=args.max_queue,
+                     max_image_pixels=args.max_image_pixels, seed=args.seed, num_cpus=args.num_cpus,
+                     num_gpus=args.num_gpus, allow_new_classes=args.allow_new_classes)
+
+
+def _serve_command(args) -> int:
+    spec = spec_from_args(args)
+    # build once here: a bad checkpoint, class file or model fails now with its own message, not in a replica
+    build_module(spec)
+    return serve_forever(spec, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
+                         log=lambda *a, **k: print(*a, file=sys.stderr, **k))
