@@ -62,7 +62,7 @@ def cosine_shapes(size: str):
     if size == "smoke":
         return [dict(B=8, N=50, E=32)]
     if size == "cpu":
-        return [dict(B=64, N=N, E=512) for N in (10, 100, 1000)]
+        return [dict(B=64, N=N, E=512) for N in (100, 1000)]
     return [dict(B=B, N=N, E=E) for E in (512, 768) for N in (1000, 21000) for B in (256, 1024, 4096)]
 
 
@@ -79,7 +79,7 @@ def assembly_shapes(size: str):
     if size == "smoke":
         return [dict(C=10, S=12, D=32, K=4, G=1), dict(C=10, S=12, D=32, K=4, G=3)]
     if size == "cpu":
-        return [dict(C=C, S=20, D=512, K=16, G=1) for C in (10, 100, 1000)]
+        return [dict(C=C, S=20, D=512, K=16, G=1) for C in (100, 1000)]
     return [dict(C=C, S=S, D=512, K=16, G=G) for C, S, G in ((1000, 77, 1), (21000, 20, 1), (1000, 20, 32))]
 
 
@@ -273,7 +273,11 @@ def bench_one(kernel, shape, dtype, mode, provider, device, repeats, peaks, comp
     previous = os.environ.get("PROMPTCORE_BACKEND")
     os.environ["PROMPTCORE_BACKEND"] = "triton" if provider == "triton" else "torch"
     try:
-        stats, n_bytes, n_flops = _time_op(op, provider, mode, leaves, counts, device, repeats)
+        # "bwd" replays one graph (retain_graph=True), which compiled backwards with donated buffers refuse
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(donated_buffer=False):
+            stats, n_bytes, n_flops = _time_op(op, provider, mode, leaves, counts, device, repeats)
     finally:
         if previous is None:
             os.environ.pop("PROMPTCORE_BACKEND", None)
@@ -348,11 +352,14 @@ def case(kernels=KERNELS, modes=MODES, providers=None, dtype="fp16", size=None, 
                     try:
                         row = bench_one(kernel, shape, dtype_t, mode, provider, device, repeats, peaks,
                                         compiled_flex=compile)
-                    except torch.cuda.OutOfMemoryError:
-                        torch.cuda.empty_cache()
+                    except Exception as exc:  # one failing provider is reported in its row; the rest still run
+                        if isinstance(exc, torch.cuda.OutOfMemoryError):
+                            torch.cuda.empty_cache()
+                        error = "OOM" if isinstance(exc, torch.cuda.OutOfMemoryError) else \
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                         row = {"bench": "kernels", "kernel": kernel, "shape": shape, "mode": mode,
-                               "provider": provider, "dtype": str(dtype_t).replace("torch.", ""), "error": "OOM"}
-                        log(f"{kernel:9s} {mode:7s} {provider:8s} {shape}: out of memory")
+                               "provider": provider, "dtype": str(dtype_t).replace("torch.", ""), "error": error}
+                        log(f"{kernel:9s} {mode:7s} {provider:8s} {shape}: {error}")
                     if row is None:
                         continue
                     row.update(env, **peaks, smoke=size == "smoke",
