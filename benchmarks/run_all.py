@@ -225,6 +225,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile baselines and compiled FlexAttention (default on; off for --smoke)")
     p.add_argument("--resume", action="store_true", help="continue the results file in --out, skipping done cases")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 under --smoke). On a shared machine one thread "
+                        "avoids OpenMP oversubscription, which slows many small ops far more than a few big ones")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,6 +235,8 @@ def parse_args(argv=None):
         p.error(f"unknown device {args.device!r}; choose cuda or cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available to this process")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         p.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
@@ -253,7 +258,9 @@ def main(argv=None) -> int:
 
     plan = make_plan(args.device, args.smoke, args.compile)
     device = torch.device(args.device)
-    if args.smoke and device.type == "cpu":
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.smoke and device.type == "cpu":
         torch.set_num_threads(1)  # tiny ops: OpenMP workers only add noise on a shared CPU
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
