@@ -7,6 +7,7 @@ import json
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -127,27 +128,36 @@ def peak_tflops_for(peaks: dict, precision: Optional[str]) -> float:
 # models and model FLOPs
 
 
+TINY_MODEL = "promptcore-tiny"
+TINY_CONFIG = {  # a 2-layer, 64-wide CLIP on 32 px images, QuickGELU: the smoke runs' model
+    "embed_dim": 32, "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def register_tiny_model() -> str:
+    """Register the tiny smoke-run CLIP with open_clip (once per process) and return its model name, so
+    every script, and anything that calls ``open_clip.create_model`` or ``load_model``, can build it."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        with tempfile.TemporaryDirectory() as tmp:  # open_clip reads configs from files, once, when added
+            path = Path(tmp) / f"{TINY_MODEL}.json"
+            path.write_text(json.dumps(TINY_CONFIG))
+            open_clip.add_model_config(path)
+    return TINY_MODEL
+
+
 def bench_model(name: str, device, precision: str = "fp32"):
-    """An open_clip model with random weights and its tokenizer; ``"tiny"`` is a 2-layer, 64-wide CLIP
-    on 32 px images (the smoke runs), anything else goes to :func:`promptcore.models.load_model`."""
+    """An open_clip model with random weights and its tokenizer (:func:`promptcore.models.load_model`);
+    ``"tiny"`` (or ``"promptcore-tiny"``) is the smoke runs' 2-layer CLIP."""
     from promptcore.models import load_model
 
-    if name != "tiny":
-        return load_model(name, None, device, precision)
-    import open_clip
-    from open_clip.model import convert_weights_to_lp
-
-    from promptcore.models import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    torch.manual_seed(0)
-    vision = dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32)
-    text = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2)
-    model = open_clip.CLIP(32, vision, text, quick_gelu=True).to(device)
-    if precision != "fp32":
-        convert_weights_to_lp(model, PRECISIONS[precision])
-    return model.eval(), open_clip.get_tokenizer("ViT-B-16")
+    if name in ("tiny", TINY_MODEL):
+        name = register_tiny_model()
+        torch.manual_seed(0)  # random weights, the same ones every run
+    return load_model(name, None, device, precision)
 
 
 def block_flops(width: int, queries_keys) -> float:

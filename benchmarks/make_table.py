@@ -30,7 +30,7 @@ DEFAULT_RESULTS = (HERE / "results" / "cuda" / "results.jsonl", HERE / "results"
 BOOKKEEPING = ("peaks", "case_done", "case_failed")
 # promptcore's providers first, then the baselines (rows store providers in key order)
 ORDER = ("triton", "fast", "promptcore", "onnxruntime-cuda", "onnxruntime-cpu", "fast_text", "bare_image",
-         "naive_compiled", "compile", "flex", "sdpa")
+         "naive_compiled", "compile", "flex", "flex-eager", "sdpa")
 TITLES = {"kernels": "kernel", "text_encoding": "text encoding", "coop_eval": "CoOp eval", "maple_eval": "MaPLe eval",
           "cocoop": "CoCoOp", "tpt": "TPT", "zeroshot": "zero-shot classifier", "export": "ONNX export"}
 
@@ -88,11 +88,12 @@ def comparisons(rows: List[dict]) -> List[Comparison]:
             out.append(Comparison(bench, TITLES.get(bench, bench), mode, dtype, ", ".join(p for p in parts if p),
                                   row["baseline"], dict(row["times_s"]), fractions, row.get("classes")))
     for (kernel, shape, mode, dtype), group in kernel_groups.items():
-        times = {r["provider"]: r["median_ms"] / 1e3 for r in group}
-        fractions = {}
+        times, fractions = {}, {}
         for r in group:
+            name = "flex-eager" if r["provider"] == "flex" and r.get("flex_compiled") is False else r["provider"]
+            times[name] = r["median_ms"] / 1e3
             bw, fl = r.get("frac_peak_bw") or 0.0, r.get("frac_peak_flops") or 0.0
-            fractions[r["provider"]] = (bw, "BW") if bw >= fl else (fl, "FLOP")
+            fractions[name] = (bw, "BW") if bw >= fl else (fl, "FLOP")
         baseline = "torch" if "torch" in times else sorted(times)[0]
         config, x = _kernel_config(kernel, json.loads(shape))
         out.append(Comparison("kernels", f"{kernel}", mode, _short_dtype(dtype), config, baseline, times,
@@ -139,9 +140,13 @@ def run_header(rows: List[dict]) -> str:
     else:
         where = (f"CPU {p.get('cpu')} ({p.get('threads')} threads). CPU figures: only the ratios mean "
                  f"anything, and the Triton kernels do not run on a CPU (no `triton` provider)")
+    parts = ""
+    if len(peaks) > 1:
+        parts = (f" Run in {len(peaks)} parts (`--resume`), the peaks above from the first; each fraction of peak "
+                 "refers to the peaks measured in its own part.")
     return (f"{where}; torch {p.get('torch')}, triton {p.get('triton')}, git {p.get('git_sha')}, "
             f"{p.get('date')}, plan `{p.get('plan')}`. Peaks measured in the run: copy {p['peak_gbps']:.3g} GB/s, "
-            f"{matmul}.\n")
+            f"{matmul}.{parts}\n")
 
 
 def summary_markdown(rows: List[dict]) -> str:

@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --device cpu --out /tmp/bench
     python benchmarks/run_all.py --smoke                 # every case at tiny sizes on CPU, a few minutes at most
     python benchmarks/run_all.py --cases kernels text_encoding --resume
+    python benchmarks/run_all.py --device cpu --threads 1 --no-compile    # how the committed CPU figures were made
 
 In order, in the same process:
 
@@ -37,7 +38,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -59,6 +60,7 @@ class Plan:
     export_model: str = "ViT-B-16"
     precisions: List[str] = field(default_factory=lambda: ["fp16", "bf16"])
     classes: List[int] = field(default_factory=lambda: [10, 100, 1000])
+    text_classes: Optional[List[int]] = None  # text encoding's class counts when they differ
     kernel_size: str = "gpu"
     eval_batch: int = 128
     cocoop_batch: int = 100
@@ -82,10 +84,11 @@ def make_plan(device: str, smoke: bool, compile_: bool) -> Plan:
                     eval_batch=2, cocoop_batch=2, tpt=dict(classes=[5], views=4, images=2, batch=2, selection=0.5),
                     export=dict(classes=5, batch=2, methods=["coop"]), depth=2, repeats=2, zeroshot_templates=2)
     if device == "cpu":
+        # a shared 2-core CPU runs ViT-B-16's naive text path at a few GFLOP/s: 10 classes (text encoding: 50 too)
         return Plan(device=device, smoke=False, compile=compile_, export_model="ViT-B-32", precisions=["fp32"],
-                    classes=[10, 50], kernel_size="cpu", eval_batch=4, cocoop_batch=2,
+                    classes=[10], text_classes=[10, 50], kernel_size="cpu", eval_batch=2, cocoop_batch=2,
                     tpt=dict(classes=[10], views=8, images=2, batch=2, selection=0.25),
-                    export=dict(classes=50, batch=8), repeats=2, zeroshot_templates=8)
+                    export=dict(classes=10, batch=4, methods=["coop", "cocoop"]), repeats=2, zeroshot_templates=8)
     return Plan(device=device, smoke=False, compile=compile_)
 
 
@@ -107,7 +110,7 @@ def case_text_encoding(plan: Plan, peaks: dict) -> list:
     import bench_text_encoding
 
     return [row for precision in plan.precisions for row in bench_text_encoding.case(
-        model=plan.model, device=plan.device, precision=precision, classes=plan.classes,
+        model=plan.model, device=plan.device, precision=precision, classes=plan.text_classes or plan.classes,
         n_ctx=[4] if plan.smoke else [16], repeats=plan.repeats, peaks=peaks,
         # compiling the whole naive 12-layer encoder takes minutes per shape on a CPU: GPU runs only
         compile=plan.compile and plan.device == "cuda")]
@@ -141,13 +144,34 @@ def case_tpt(plan: Plan, peaks: dict) -> list:
 
 
 def case_zeroshot(plan: Plan, peaks: dict) -> list:
+    """ZeroShot vs open_clip's builder through benchmarks/bench_zeroshot.py, which comes with
+    ``promptcore.ZeroShot`` (from its own branch): a skipped row until both are in the tree."""
+    import importlib.util
+
+    from common import TINY_MODEL, comparison_fields, register_tiny_model
+
+    import promptcore
+
+    if not hasattr(promptcore, "ZeroShot") or importlib.util.find_spec("bench_zeroshot") is None:
+        return [{"bench": "zeroshot", "skipped": "promptcore.ZeroShot or benchmarks/bench_zeroshot.py is not in "
+                                                 "this tree"}]
     import bench_zeroshot
 
-    if not bench_zeroshot.available():
-        return [{"bench": "zeroshot", "skipped": "promptcore.ZeroShot is not in this build"}]
-    return [row for precision in plan.precisions for row in bench_zeroshot.case(
-        model=plan.model, device=plan.device, precision=precision, classes=plan.classes,
-        templates=plan.zeroshot_templates, repeats=plan.repeats)]
+    model = register_tiny_model() if plan.model in ("tiny", TINY_MODEL) else plan.model
+    options = dict(model=model, dataset="imagenet", templates="simple" if plan.smoke else "openai",
+                   device=plan.device, classes=plan.classes, max_prompts=8192, builder_batch=10,
+                   repeats=plan.repeats, warmup=1, threads=None, no_save=True)
+    rows = []
+    for precision in plan.precisions:
+        if hasattr(bench_zeroshot, "case"):
+            got = bench_zeroshot.case(**{**options, "precision": precision})
+        else:  # the script as written on its branch: run(args) with the namespace its main builds
+            got = bench_zeroshot.run(argparse.Namespace(**options, precision=precision))
+        for row in got:
+            row.update(comparison_fields({"open_clip": row["open_clip"], "promptcore": row["promptcore"]},
+                                         "open_clip"))
+        rows += got
+    return rows
 
 
 def case_export(plan: Plan, peaks: dict) -> list:

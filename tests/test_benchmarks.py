@@ -141,19 +141,23 @@ def test_smoke_writes_summary_and_plots(smoke_run):
     assert {p.name for p in out.glob("*.png")} >= {"text_encoding.png", "cocoop.png", "tpt.png", "kernel_attention.png"}
 
 
-def test_resume_skips_done_cases_and_drops_a_torn_line(smoke_run):
+def test_resume_skips_done_cases_and_drops_a_torn_line(smoke_run, tmp_path):
     out, proc = smoke_run
     assert proc.returncode == 0
-    results = out / "results.jsonl"
-    before = results.read_text()
-    results.write_text(before + '{"bench": "kernels", "trunc')
-    again = _run_all("--smoke", "--device", "cpu", "--out", str(out), "--resume")
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["bench"] == "peaks" or r.get("run_case") == "coop_eval"
+            or (r["bench"] == "case_done" and r["case"] == "coop_eval")]
+    before = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    results = tmp_path / "results.jsonl"
+    results.write_text(before + '{"bench": "coop_eval", "trunc')  # a run killed mid-write
+    again = _run_all("--smoke", "--device", "cpu", "--out", str(tmp_path), "--resume", "--cases", "coop_eval")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert all(f"== {case}: done in an earlier run, skipped" in again.stdout for case in CASES)
+    assert "== coop_eval: done in an earlier run, skipped" in again.stdout
     after = results.read_text()
     assert after.startswith(before) and "trunc" not in after
     added = [json.loads(line) for line in after[len(before):].splitlines()]
     assert [r["bench"] for r in added] == ["peaks"]
+    assert "| CoOp eval | eval |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
