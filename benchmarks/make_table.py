@@ -3,6 +3,7 @@
     python benchmarks/make_table.py                                   # rewrite README.md between the markers
     python benchmarks/make_table.py --check                           # exit 1 if README.md is out of date
     python benchmarks/make_table.py --results a/results.jsonl --print # print the table only
+    python benchmarks/make_table.py --summary DIR                     # redo DIR/summary.md and plots
 
 Reads the results files (default: benchmarks/results/cuda/results.jsonl and
 benchmarks/results/cpu/results.jsonl, those that exist) and writes one table per file between
@@ -75,7 +76,7 @@ def comparisons(rows: List[dict]) -> List[Comparison]:
             kernel_groups[key].append(row)
         elif "times_s" in row:
             bench = row["bench"]
-            mode = row.get("mode") or row.get("case") or ("eval" if bench.endswith("_eval") else "")
+            mode = row.get("mode") or row.get("case") or "eval"  # eval and export rows: inference only
             dtype = row.get("precision") or row.get("dtype") or ""
             parts = [row.get("model", "")]
             if "classes" in row:
@@ -101,6 +102,11 @@ def comparisons(rows: List[dict]) -> List[Comparison]:
     return out
 
 
+OVER_PEAK_MARK = "†"
+OVER_PEAK_NOTE = (f"{OVER_PEAK_MARK} above 100%: the peak, measured once at the start of the run, was measured while "
+                  "the machine was busier than during that row; fractions of peak from such a run are unreliable.\n")
+
+
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1e3:.3g} s"
@@ -110,7 +116,7 @@ def _frac(c: Comparison, provider: str) -> str:
     if provider not in c.fractions:
         return ""
     value, kind = c.fractions[provider]
-    return f" ({100 * value:.2g}% {kind})"
+    return f" ({100 * value:.2g}% {kind}{OVER_PEAK_MARK if value > 1 else ''})"
 
 
 def table_markdown(comps: List[Comparison], skip_modes=()) -> str:
@@ -124,7 +130,8 @@ def table_markdown(comps: List[Comparison], skip_modes=()) -> str:
         cells = "; ".join(f"{p} **{c.ratio(p):.2f}x**{_frac(c, p)}" for p in others)
         lines.append(f"| {c.title} | {c.mode} | {c.dtype} | {c.config} | "
                      f"{c.baseline} {_ms(c.times[c.baseline])}{_frac(c, c.baseline)} | {cells} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + ("\n" + OVER_PEAK_NOTE if OVER_PEAK_MARK in text else "")
 
 
 def run_header(rows: List[dict]) -> str:
@@ -238,7 +245,19 @@ def main(argv=None) -> int:
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--check", action="store_true", help="exit 1 if the README table differs from the generated one")
     p.add_argument("--print", action="store_true", help="print the generated section instead of writing it")
+    p.add_argument("--summary", type=Path, metavar="DIR", default=None,
+                   help="instead: rewrite DIR/summary.md and DIR's plots from DIR/results.jsonl")
     args = p.parse_args(argv)
+    if args.summary is not None:
+        results = args.summary / "results.jsonl"
+        if not results.is_file():
+            print(f"make_table.py: error: {results} does not exist", file=sys.stderr)
+            return 2
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        (args.summary / "summary.md").write_text(summary_markdown(rows))
+        plots = plot_all(rows, args.summary)
+        print(f"wrote {args.summary / 'summary.md'} and {len(plots)} plots")
+        return 0
     paths = args.results or [path for path in DEFAULT_RESULTS if path.exists()]
     missing = [str(path) for path in paths if not path.is_file()]
     if not paths or missing:

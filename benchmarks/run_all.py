@@ -64,7 +64,7 @@ class Plan:
     kernel_size: str = "gpu"
     eval_batch: int = 128
     cocoop_batch: int = 100
-    tpt: Dict = field(default_factory=lambda: dict(classes=[100, 1000], views=64, images=64, batch=16,
+    tpt: Dict = field(default_factory=lambda: dict(classes=[10, 100, 1000], views=64, images=64, batch=16,
                                                    selection=0.1))
     export: Dict = field(default_factory=lambda: dict(classes=1000, batch=64))
     depth: int = 9
