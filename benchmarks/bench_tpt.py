@@ -27,7 +27,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, bench_model, case_args, comparison_fields, environment, measure  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    bench_model,
+    case_args,
+    comparison_fields,
+    environment,
+    image_flops,
+    measure,
+    peak_tflops_for,
+    text_flops,
+    text_tower_size,
+)
 
 from promptcore.models import builtin_classnames  # noqa: E402
 from promptcore.tpt import TPT  # noqa: E402
@@ -97,6 +108,12 @@ def run(args) -> list:
         tpt = TPT(model, names[:num_classes], tokenizer=tokenizer, n_views=args.views, selection=args.selection,
                   steps=args.steps, precision="amp" if args.precision == "amp" else "native", batch_size=args.batch,
                   seed=0)
+        # useful work per image: its views through the image tower once, and per step the shared-prefix text
+        # forward and backward (about two forwards: frozen weights) plus the final forward for view 0
+        width, layers = text_tower_size(model)
+        text_fwd = text_flops(tpt.prompt_learner.prompts, width, layers, "fast")
+        useful = args.images * (image_flops(model, args.views) + (2 * args.steps + 1) * text_fwd)
+        peak = peak_tflops_for(args.peaks, args.precision) if args.peaks else None
         common = {"bench": "tpt", "model": args.model, "precision": args.precision, "classes": num_classes,
                   "views": args.views, "images": args.images, "batch": args.batch, "steps": args.steps, **env}
         if "views" in args.cases:
@@ -115,7 +132,8 @@ def run(args) -> list:
             agree = (res["official"].argmax(-1) == res["promptcore"].argmax(-1)).float().mean().item()
             rel = ((res["official"] - res["promptcore"]).abs().max() / res["official"].abs().max()).item()
             rows.append(_row(common, "views", t_off, t_our, args.images, {"pred_agreement": agree,
-                                                                          "logits_max_rel_diff": rel}))
+                                                                          "logits_max_rel_diff": rel},
+                             useful, peak))
         if "e2e" in args.cases:
             from PIL import Image
 
@@ -133,15 +151,16 @@ def run(args) -> list:
             t_off = measure(official_e2e, device, args.repeats, args.warmup)
             t_our = measure(ours_e2e, device, args.repeats, args.warmup)
             agree = (res["official"].argmax(-1) == res["promptcore"]).float().mean().item()
-            rows.append(_row(common, "e2e", t_off, t_our, args.images, {"pred_agreement_random_views": agree}))
+            rows.append(_row(common, "e2e", t_off, t_our, args.images, {"pred_agreement_random_views": agree},
+                             useful, peak))
     return rows
 
 
-def _row(common, case, t_off, t_our, images, extra):
+def _row(common, case, t_off, t_our, images, extra, useful_flops=None, peak_tflops=None):
     row = {**common, "case": case, "official": t_off, "promptcore": t_our,
            "official_images_per_s": images / t_off["median_s"], "promptcore_images_per_s": images / t_our["median_s"],
            "speedup": t_off["median_s"] / t_our["median_s"], **extra,
-           **comparison_fields({"official": t_off, "promptcore": t_our}, "official")}
+           **comparison_fields({"official": t_off, "promptcore": t_our}, "official", useful_flops, peak_tflops)}
     print(f"{row['model']} {row['precision']} classes={row['classes']:5d} views={row['views']:3d} {case:5s} "
           f"official {row['official_images_per_s']:8.3f} img/s  promptcore {row['promptcore_images_per_s']:8.3f} img/s"
           f"  speed-up {row['speedup']:.2f}x  " + "  ".join(f"{k}={v:.3g}" for k, v in extra.items()), flush=True)

@@ -140,7 +140,8 @@ def case_tpt(plan: Plan, peaks: dict) -> list:
     # the official TPT runs fp32 weights under fp16 autocast ("amp"); bf16 weights as the second GPU setting
     precisions = ["amp", "bf16"] if plan.device == "cuda" else plan.precisions
     return [row for precision in precisions for row in bench_tpt.case(
-        model=plan.model, device=plan.device, precision=precision, repeats=1 if plan.smoke else None, **plan.tpt)]
+        model=plan.model, device=plan.device, precision=precision, repeats=1 if plan.smoke else None, peaks=peaks,
+        **plan.tpt)]
 
 
 def case_zeroshot(plan: Plan, peaks: dict) -> list:
