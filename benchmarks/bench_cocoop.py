@@ -20,10 +20,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    bench_model,
+    block_flops,
+    case_args,
+    comparison_fields,
+    environment,
+    measure,
+    peak_tflops_for,
+    text_tower_size,
+)
 
 from promptcore.cocoop import CoCoOp  # noqa: E402
-from promptcore.models import builtin_classnames, load_model  # noqa: E402
+from promptcore.models import builtin_classnames  # noqa: E402
 
 
 def _mib(n: float) -> float:
@@ -32,7 +42,7 @@ def _mib(n: float) -> float:
 
 def run(args) -> list:
     device = torch.device(args.device)
-    model, tokenizer = load_model(args.model, None, device, args.precision)
+    model, tokenizer = bench_model(args.model, device, args.precision)
     names = builtin_classnames(args.dataset)
     env = environment(device)
     size = model.visual.image_size
@@ -47,6 +57,10 @@ def run(args) -> list:
         B, C, L = args.batch, num_classes, prompts.ids.shape[1]
         P, S = prompts.prefix_len, prompts.suffix_len
         tokens_naive, tokens_fast = B * C * L, B * (P + C * S)
+        # useful work: per image, its prefix once and every class suffix (max suffix length, an upper bound)
+        t_width, t_layers = text_tower_size(model)
+        useful = B * t_layers * (block_flops(t_width, range(1, P + 1))
+                                 + C * block_flops(t_width, range(P + 1, P + S + 1)))
         with torch.no_grad():
             image_time = measure(lambda: cocoop.encode_images(images), device, args.repeats, args.warmup)
             feats = cocoop.encode_images(images)
@@ -78,7 +92,9 @@ def run(args) -> list:
                    "images_per_s_fast": B / timings["fast"]["median_s"],
                    "images_per_s_end_to_end_naive": B / (t_img + timings["naive"]["median_s"]),
                    "images_per_s_end_to_end_fast": B / (t_img + timings["fast"]["median_s"]),
-                   "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env}
+                   "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env,
+                   **comparison_fields(timings, "naive", useful * (1 if mode == "fwd" else 2),
+                                       peak_tflops_for(args.peaks, args.precision) if args.peaks else None)}
             rows.append(row)
             mem = ""
             if device.type == "cuda":
@@ -96,9 +112,9 @@ def run(args) -> list:
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights) or 'tiny'")
     parser.add_argument("--dataset", default="imagenet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
@@ -111,12 +127,27 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="default 10 (GPU), 3 (CPU)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
-    args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    return parser
+
+
+def resolve(args):
+    gpu = str(args.device).startswith("cuda")
     args.precision = args.precision or ("fp16" if gpu else "fp32")
     args.batch = args.batch or (100 if gpu else 4)
     args.classes = args.classes or ([10, 100, 1000] if gpu else [10, 50])
     args.repeats = args.repeats or (10 if gpu else 3)
+    return args
+
+
+def case(**options) -> list:
+    """Run this benchmark from Python (options named like the flags, plus ``peaks`` measured by the
+    caller for the fraction-of-peak fields); returns the rows without saving them."""
+    return run(case_args(build_parser(), resolve, options))
+
+
+def main(argv=None):
+    args = resolve(build_parser().parse_args(argv))
+    args.peaks = None
     rows = run(args)
     if not args.no_save:
         print(f"rows appended to {append_rows('cocoop.jsonl', rows)}")

@@ -17,40 +17,34 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure, measure_peaks  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    bench_model,
+    case_args,
+    comparison_fields,
+    environment,
+    measure,
+    measure_peaks,
+    peak_tflops_for,
+    text_flops,
+    text_tower_size,
+)
 
 from promptcore import CoOp  # noqa: E402
-from promptcore.models import builtin_classnames, load_model  # noqa: E402
-
-
-def _layer_flops(width: int, queries_keys) -> float:
-    """Model FLOPs of one block: 24 D^2 per token for the four projections, 4 D per (query, key) pair."""
-    return sum(24 * width * width + 4 * width * keys for keys in queries_keys)
-
-
-def encode_flops(prompts, width: int, layers: int, path: str) -> float:
-    """Forward model FLOPs of encoding a prompt set on the naive or fast path (projections excluded)."""
-    if path.startswith("naive"):
-        length = prompts.ids.shape[1]
-        return layers * prompts.num_classes * _layer_flops(width, range(1, length + 1))
-    P = prompts.prefix_len
-    total = _layer_flops(width, range(1, P + 1))
-    for members, length, _ in prompts.bucket_views():
-        total += members.numel() * _layer_flops(width, range(P + 1, P + length + 1))
-    return layers * total
+from promptcore.models import builtin_classnames  # noqa: E402
 
 
 def run(args) -> list:
     device = torch.device(args.device)
-    model, tokenizer = load_model(args.model, None, device, args.precision)
+    model, tokenizer = bench_model(args.model, device, args.precision)
     names = builtin_classnames(args.dataset)
     env = environment(device)
-    peaks = measure_peaks(device)
+    peaks = args.peaks or measure_peaks(device)
     env.update(peaks)
-    print(f"peaks measured in this run: {peaks['peak_tflops']:.2f} TFLOP/s ({peaks['peak_matmul_dtype']} matmul), "
+    peak = peak_tflops_for(peaks, args.precision)
+    print(f"peaks measured in this run: {peak:.2f} TFLOP/s ({args.precision} matmul), "
           f"{peaks['peak_gbps']:.0f} GB/s (copy)")
-    transformer = model.transformer if hasattr(model, "transformer") else model.text.transformer
-    tower_width, tower_layers = transformer.width, len(transformer.resblocks)
+    tower_width, tower_layers = text_tower_size(model)
     rows = []
     for n_ctx in args.n_ctx:
         for num_classes in args.classes:
@@ -76,17 +70,18 @@ def run(args) -> list:
                             return grad
                     timings[path] = measure(fn, device, args.repeats, args.warmup)
                     # fwd+bwd: frozen weights, so backward needs activation grads only, about one forward
-                    flops = encode_flops(coop.prompt_learner.prompts, tower_width, tower_layers, path)
+                    flops = text_flops(coop.prompt_learner.prompts, tower_width, tower_layers, path)
                     flops *= 1 if mode == "fwd" else 2
                     timings[path]["model_flops"] = flops
                     timings[path]["tflops"] = flops / timings[path]["median_s"] / 1e12
-                    timings[path]["fraction_of_peak"] = timings[path]["tflops"] / peaks["peak_tflops"]
+                    timings[path]["fraction_of_peak"] = timings[path]["tflops"] / peak
                 row = {"bench": "text_encoding", "model": args.model, "precision": args.precision,
                        "dataset": args.dataset, "classes": num_classes, "n_ctx": n_ctx, "mode": mode,
                        "live_tokens_naive": live_naive, "live_tokens_fast": live_fast,
                        "token_ratio": live_naive / live_fast,
                        "timings": timings, "naive": timings["naive"], "fast": timings["fast"],
-                       "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env}
+                       "speedup": timings["naive"]["median_s"] / timings["fast"]["median_s"], **env,
+                       **comparison_fields(timings, "naive", timings["fast"]["model_flops"], peak)}
                 if "naive_compiled" in timings:
                     row["speedup_vs_compiled"] = timings["naive_compiled"]["median_s"] / timings["fast"]["median_s"]
                 rows.append(row)
@@ -102,9 +97,9 @@ def run(args) -> list:
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights) or 'tiny'")
     parser.add_argument("--dataset", default="imagenet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
@@ -118,12 +113,27 @@ def main(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the naive path under torch.compile (default: on for CUDA)")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
-    args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    return parser
+
+
+def resolve(args):
+    gpu = str(args.device).startswith("cuda")
     args.precision = args.precision or ("fp16" if gpu else "fp32")
     args.classes = args.classes or ([10, 100, 1000] if gpu else [10, 100, 200])
     args.repeats = args.repeats or (20 if gpu else 3)
     args.compile = gpu if args.compile is None else args.compile
+    return args
+
+
+def case(**options) -> list:
+    """Run this benchmark from Python (options named like the flags, plus ``peaks`` measured by the
+    caller); returns the rows without saving them."""
+    return run(case_args(build_parser(), resolve, options))
+
+
+def main(argv=None):
+    args = resolve(build_parser().parse_args(argv))
+    args.peaks = None
     rows = run(args)
     if not args.no_save:
         print(f"rows appended to {append_rows('text_encoding.jsonl', rows)}")

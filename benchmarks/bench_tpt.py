@@ -27,9 +27,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, measure  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    bench_model,
+    case_args,
+    comparison_fields,
+    environment,
+    image_flops,
+    measure,
+    peak_tflops_for,
+    text_flops,
+    text_tower_size,
+)
 
-from promptcore.models import builtin_classnames, load_model  # noqa: E402
+from promptcore.models import builtin_classnames  # noqa: E402
 from promptcore.tpt import TPT  # noqa: E402
 from promptcore.views import CLIP_MEAN, CLIP_STD  # noqa: E402
 
@@ -85,7 +96,7 @@ def official_style_views(pil_images, n_views: int, size: int) -> torch.Tensor:
 def run(args) -> list:
     device = torch.device(args.device)
     weights = "fp32" if args.precision == "amp" else args.precision
-    model, tokenizer = load_model(args.model, None, device, weights)
+    model, tokenizer = bench_model(args.model, device, weights)
     size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
     names = builtin_classnames(args.dataset)
     env = environment(device)
@@ -97,6 +108,12 @@ def run(args) -> list:
         tpt = TPT(model, names[:num_classes], tokenizer=tokenizer, n_views=args.views, selection=args.selection,
                   steps=args.steps, precision="amp" if args.precision == "amp" else "native", batch_size=args.batch,
                   seed=0)
+        # useful work per image: its views through the image tower once, and per step the shared-prefix text
+        # forward and backward (about two forwards: frozen weights) plus the final forward for view 0
+        width, layers = text_tower_size(model)
+        text_fwd = text_flops(tpt.prompt_learner.prompts, width, layers, "fast")
+        useful = args.images * (image_flops(model, args.views) + (2 * args.steps + 1) * text_fwd)
+        peak = peak_tflops_for(args.peaks, args.precision) if args.peaks else None
         common = {"bench": "tpt", "model": args.model, "precision": args.precision, "classes": num_classes,
                   "views": args.views, "images": args.images, "batch": args.batch, "steps": args.steps, **env}
         if "views" in args.cases:
@@ -115,7 +132,8 @@ def run(args) -> list:
             agree = (res["official"].argmax(-1) == res["promptcore"].argmax(-1)).float().mean().item()
             rel = ((res["official"] - res["promptcore"]).abs().max() / res["official"].abs().max()).item()
             rows.append(_row(common, "views", t_off, t_our, args.images, {"pred_agreement": agree,
-                                                                          "logits_max_rel_diff": rel}))
+                                                                          "logits_max_rel_diff": rel},
+                             useful, peak))
         if "e2e" in args.cases:
             from PIL import Image
 
@@ -133,23 +151,25 @@ def run(args) -> list:
             t_off = measure(official_e2e, device, args.repeats, args.warmup)
             t_our = measure(ours_e2e, device, args.repeats, args.warmup)
             agree = (res["official"].argmax(-1) == res["promptcore"]).float().mean().item()
-            rows.append(_row(common, "e2e", t_off, t_our, args.images, {"pred_agreement_random_views": agree}))
+            rows.append(_row(common, "e2e", t_off, t_our, args.images, {"pred_agreement_random_views": agree},
+                             useful, peak))
     return rows
 
 
-def _row(common, case, t_off, t_our, images, extra):
+def _row(common, case, t_off, t_our, images, extra, useful_flops=None, peak_tflops=None):
     row = {**common, "case": case, "official": t_off, "promptcore": t_our,
            "official_images_per_s": images / t_off["median_s"], "promptcore_images_per_s": images / t_our["median_s"],
-           "speedup": t_off["median_s"] / t_our["median_s"], **extra}
+           "speedup": t_off["median_s"] / t_our["median_s"], **extra,
+           **comparison_fields({"official": t_off, "promptcore": t_our}, "official", useful_flops, peak_tflops)}
     print(f"{row['model']} {row['precision']} classes={row['classes']:5d} views={row['views']:3d} {case:5s} "
           f"official {row['official_images_per_s']:8.3f} img/s  promptcore {row['promptcore_images_per_s']:8.3f} img/s"
           f"  speed-up {row['speedup']:.2f}x  " + "  ".join(f"{k}={v:.3g}" for k, v in extra.items()), flush=True)
     return row
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights) or 'tiny'")
     parser.add_argument("--dataset", default="imagenet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, choices=["amp", "fp32", "fp16", "bf16"],
@@ -164,8 +184,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (GPU), 1 (CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="default 1 (GPU), 0 (CPU)")
     parser.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results")
-    args = parser.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    return parser
+
+
+def resolve(args):
+    gpu = str(args.device).startswith("cuda")
     args.precision = args.precision or ("amp" if gpu else "fp32")
     args.classes = args.classes or ([200, 1000] if gpu else [10])
     args.views = args.views or (64 if gpu else 8)
@@ -174,6 +197,17 @@ def main(argv=None):
     args.batch = args.batch or (16 if gpu else 4)
     args.repeats = args.repeats or (5 if gpu else 1)
     args.warmup = args.warmup if args.warmup is not None else (1 if gpu else 0)
+    return args
+
+
+def case(**options) -> list:
+    """Run this benchmark from Python (options named like the flags); returns the rows without saving them."""
+    return run(case_args(build_parser(), resolve, options))
+
+
+def main(argv=None):
+    args = resolve(build_parser().parse_args(argv))
+    args.peaks = None
     rows = run(args)
     if not args.no_save:
         print(f"rows appended to {append_rows('tpt.jsonl', rows)}")
