@@ -78,8 +78,8 @@ EPS = {torch.float64: 2.0 ** -52, torch.float32: 2.0 ** -23, torch.float16: 2.0 
 
 
 def scaled_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want|, in float64."""
-    got, want = got.detach().double(), want.detach().double()
+    """max |got - want| / max |want|, in float64 (tensors, arrays or nested lists)."""
+    got, want = (torch.as_tensor(t).detach().double() for t in (got, want))
     assert got.shape == want.shape, f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}"
     scale = want.abs().max().item()
     assert scale > 0, "the reference is all zeros: a scaled error means nothing here"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import scaled_error
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -24,8 +25,6 @@ def bench_modules():
     return {name: importlib.import_module(name) for name in ("bench_kernels", "run_all", "make_table", "common")}
 
 
-def _scaled_err(got, ref):
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def _attention_inputs(G, C, S, H, d, P, prefix_groups, seed=0):
@@ -50,7 +49,7 @@ def test_flex_formulation_matches_prefix_attention_ref(bench_modules, G, C, S, H
     ref = prefix_attention_ref(*args)
     got = bench_modules["bench_kernels"].flex_prefix_attention(*args, compiled=False)
     assert got.shape == ref.shape
-    assert _scaled_err(got, ref) < 2e-6
+    assert scaled_error(got, ref) < 2e-6
 
 
 def test_flex_formulation_check_catches_a_wrong_mask(bench_modules):
@@ -68,7 +67,7 @@ def test_flex_formulation_check_catches_a_wrong_mask(bench_modules):
 
     wrong = create_block_mask(strictly_causal, None, None, C * S, P + C * S, device="cpu")
     got = bench_modules["bench_kernels"].flex_prefix_attention(*args, block_mask=wrong, compiled=False)
-    assert _scaled_err(got, prefix_attention_ref(*args)) > 1e-2
+    assert scaled_error(got, prefix_attention_ref(*args)) > 1e-2
 
 
 def test_triton_provider_runs_under_the_interpreter(bench_modules):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import scaled_error
 from PIL import Image
 
 import promptcore
@@ -100,8 +101,6 @@ def _run_cli(args, env_extra=None, torchrun=0, timeout=SUBPROCESS_TIMEOUT):
                           timeout=timeout)
 
 
-def _scaled_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 # -- decoding and seeds ---------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def test_tpt_rows_equal_direct_tuning_and_the_naive_path(setup, tmp_path):
     assert [r["selected"] for r in rows] == fast.selected.tolist() == naive.selected.tolist()
     losses = torch.tensor([r["loss"] for r in rows]).t()
     assert losses.shape == (2, 7)
-    assert _scaled_err(losses, naive.losses) < 1e-4 and _scaled_err(losses, fast.losses) < 1e-4
+    assert scaled_error(losses, naive.losses) < 1e-4 and scaled_error(losses, fast.losses) < 1e-4
     assert [r["top5"][:3] for r in rows] == torch.argsort(fast.logits, -1, descending=True).tolist()
     summary = json.loads(summary_path(out).read_text())
     correct = sum(r["pred"] == r["label"] for r in rows)
@@ -200,7 +199,7 @@ def test_rows_do_not_depend_on_world_size_shards_or_batch(setup, tmp_path):
     a, b = read_rows(one), read_rows(small)
     for key in ("index", "path", "label", "pred", "top5", "selected"):
         assert [r[key] for r in a] == [r[key] for r in b], key
-    assert _scaled_err(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a])) < 1e-5
+    assert scaled_error(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a])) < 1e-5
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(setup, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from helpers import MIXED_NAMES, make_model
+from helpers import MIXED_NAMES, make_model, scaled_error
 from PIL import Image
 
 import promptcore
@@ -28,10 +28,6 @@ TINY_CONFIG = {"embed_dim": 32, "quick_gelu": True,
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
 
 
-def scaled_error(got, expected) -> float:
-    """max |got - expected| / max |expected| (no elementwise relative error on near-zero values)."""
-    got, expected = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:
