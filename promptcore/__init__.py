@@ -8,6 +8,7 @@ from .maple import MaPLe
 from .prompts import PromptTooLongError
 from .tower import TextTower, UnsupportedModelError
 from .tpt import TPT, TPTOutput, ZeroOutput, run_folder
+from .zeroshot import ZeroShot
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsafeCheckpointError",
     "ZeroOutput",
+    "ZeroShot",
     "read_torch_checkpoint",
     "run_folder",
 ]
