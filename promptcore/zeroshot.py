@@ -185,7 +185,7 @@ class ZeroShot(PromptModule):
         out = torch.empty(len(self.templates), len(names), L, dtype=torch.int32)
         for i, template in enumerate(self.templates):
             texts = [render(i, template, n) for n in names]
-            if isinstance(self.tokenizer, SimpleTokenizer):
+            if isinstance(self.tokenizer, SimpleTokenizer) and getattr(self.tokenizer, "reduction_fn", None) is None:
                 # one extra position shows truncation: it holds a token only when the prompt does not fit
                 ids = self.tokenizer(texts, context_length=L + 1)
                 over = (ids[:, L] != 0).nonzero()
@@ -245,7 +245,7 @@ class ZeroShot(PromptModule):
 
     def encode_text(self, path: str = "auto") -> torch.Tensor:
         """Build the classifier (n_cls, E) through ``path`` ("auto", "fast", "naive"), uncached."""
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         tower = self.engine.tower
         self.engine.resolve_path(path)

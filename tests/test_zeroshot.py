@@ -85,8 +85,9 @@ def test_low_precision_within_twice_open_clips_own_error(dtype):
     zs = ZeroShot(lp_model, names, templates=FORMATS, progress=False)
     feats = zs.text_features()
     assert feats.dtype == dtype
-    assert scaled_error(feats, ref) <= 2 * own + 1e-3
-    assert scaled_error(zs.encode_text("naive"), ref) <= 2 * own + 1e-3
+    # open_clip's own error here: ~9e-4 (fp16), ~7e-3 (bf16)
+    assert scaled_error(feats, ref) <= 2 * own + 1e-4
+    assert scaled_error(zs.encode_text("naive"), ref) <= 2 * own + 1e-4
 
 
 def test_triton_kernels_give_the_same_classifier(monkeypatch):
