@@ -106,7 +106,8 @@ def main(argv=None):
     parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                         help="default fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="default 1000 (GPU), 100 (CPU)")
-    parser.add_argument("--max-prompts", type=int, default=8192, help="ZeroShot prompts per encoder pass")
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="ZeroShot prompts per encoder pass (default 8192)")
     parser.add_argument("--builder-batch", type=int, default=10,
                         help="open_clip's num_classes_per_batch (its default, 10)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (GPU), 1 (CPU: the builder takes minutes)")

@@ -28,6 +28,8 @@ from .engine import PromptSet
 from .prompts import PromptTooLongError, clean_classnames, tokenize
 
 TEMPLATE_SETS = ("openai", "simple")
+# Default prompts per encoder pass: a full 77-token prompt holds ~10x the activations of a suffix.
+FAST_MAX_PROMPTS, NAIVE_MAX_PROMPTS = 8192, 1024
 Template = Union[str, Callable[[str], str]]
 # Stands in for the class name when a callable template is turned back into a format string.
 _SENTINEL = "\x00promptcore-class\x00"
@@ -141,17 +143,19 @@ class ZeroShot(PromptModule):
             ``{}`` anywhere and/or callables ``name -> str``.
         tokenizer: open_clip tokenizer; the default CLIP BPE tokenizer when None.
         text_path: "auto" (fast where exact), "fast" or "naive" (full 77-token prompts).
-        max_prompts: prompts per encoder pass (bounds memory on big builds).
+        max_prompts: prompts per encoder pass (bounds memory on big builds); None: 8192 on the fast
+            path, 1024 on the full-prompt path.
         progress: show a tqdm bar when a build takes more than a couple of seconds.
     """
 
     method = "zeroshot"
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], templates="openai", tokenizer=None,
-                 text_path: str = "auto", max_prompts: int = 8192, progress: bool = True):
+                 text_path: str = "auto", max_prompts: Optional[int] = None, progress: bool = True):
         # CLIP is left trainable-as-given: a zero-shot classifier learns nothing and freezes nothing.
         super().__init__(model, tokenizer, text_path, freeze=False)
-        if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
+        if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
+                                        or max_prompts < 1):
             raise ValueError(f"max_prompts must be a positive integer, got {max_prompts!r}")
         self.template_set_name, self.templates = check_templates(templates)
         self.max_prompts = max_prompts
@@ -172,7 +176,7 @@ class ZeroShot(PromptModule):
         names = list(classnames)
         ids = self._tokenize(names)
         self._ids = ids
-        self._plan = _plan_passes(ids, self.engine.tower, self.max_prompts)
+        self._plan = _plan_passes(ids, self.engine.tower, self.max_prompts or FAST_MAX_PROMPTS)
         self.classnames = names
         self._classes_version += 1
         self.clear_cache()
@@ -248,12 +252,14 @@ class ZeroShot(PromptModule):
         from tqdm import tqdm
 
         tower = self.engine.tower
-        self.engine.resolve_path(path)
+        plan = self._plan
+        if self.engine.resolve_path(path) == "naive":
+            plan = _plan_passes(self._ids, tower, self.max_prompts or NAIVE_MAX_PROMPTS)
         T, C, L = self._ids.shape
         total = torch.zeros(C, tower.output_dim, dtype=torch.float32, device=tower.device)
         with torch.no_grad(), tqdm(total=T * C, unit="prompt", desc="zero-shot classifier", delay=2.0,
                                    disable=not self.progress, leave=False) as bar:
-            for templates, classes in self._plan:
+            for templates, classes in plan:
                 ids = self._ids[templates][:, classes]
                 prompts = PromptSet(tower, ids, torch.full(ids.shape, -1))
                 feats = self.engine.encode(prompts, path=path)  # (G, C_chunk, E)
