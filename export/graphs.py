@@ -1,6 +1,6 @@
 """The graphs promptcore exports: images -> logits (and, on request, normalised image features).
 
-* CoOp and MaPLe: the image encoder (MaPLe's with its visual prompts) and cosine scoring against
+* CoOp, MaPLe and zero-shot classifiers: the image encoder (MaPLe's with its visual prompts) and cosine scoring against
   a baked, L2-normalised class matrix; the text side is folded into that constant.
 * CoCoOp: the text side stays in the graph (it depends on each image through the meta-net),
   prefix-shared and EOT-truncated, with the EOT positions as constants.
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPORTABLE = ("coop", "cocoop", "maple")
+EXPORTABLE = ("coop", "cocoop", "maple", "zeroshot")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -29,13 +29,13 @@ def check_exportable(module: nn.Module) -> str:
         raise ExportError("TPT tunes a context per test image and has nothing frozen to export; export the "
                           "CoOp/CoCoOp prompts it starts from, or a CoOp module holding one tuned context")
     if method not in EXPORTABLE:
-        raise ExportError(f"cannot export {type(module).__name__}: only promptcore CoOp, CoCoOp and MaPLe modules "
-                          f"export (method {method!r})")
+        raise ExportError(f"cannot export {type(module).__name__}: only promptcore CoOp, CoCoOp, MaPLe and ZeroShot "
+                          f"modules export (method {method!r})")
     return method
 
 
 class ClassMatrixGraph(nn.Module):
-    """Image encoder + cosine scoring against a constant, normalised class matrix (CoOp, MaPLe)."""
+    """Image encoder + cosine scoring against a constant, normalised class matrix (CoOp, MaPLe, ZeroShot)."""
 
     def __init__(self, module: nn.Module, text_features: torch.Tensor, with_features: bool):
         super().__init__()

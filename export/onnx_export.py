@@ -276,7 +276,7 @@ def check_output_path(path) -> Path:
 def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: str = "fp32",
             with_features: bool = False, batch_sizes: Sequence[int] = (1, 3), opset: Optional[int] = None,
             extra_metadata: Optional[Dict[str, str]] = None, progress=None, provider: str = "auto") -> ExportReport:
-    """Export ``module`` (CoOp, CoCoOp or MaPLe) to ``path`` and verify it in onnxruntime.
+    """Export ``module`` (CoOp, CoCoOp, MaPLe or ZeroShot) to ``path`` and verify it in onnxruntime.
 
     The graph maps ``images`` (batch, 3, H, W) to ``logits`` (batch, n_cls), plus normalised
     ``image_features`` with ``with_features``. ``dtype`` is "fp32" or "fp16" (inputs, weights and

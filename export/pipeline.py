@@ -128,6 +128,23 @@ def build_from_checkpoint(method: str, model, tokenizer, checkpoint, classnames:
     return module
 
 
+def build_zeroshot(model, tokenizer, classnames: Optional[List[str]], templates: Optional[str] = None,
+                   options: Optional[Dict[str, object]] = None, progress: bool = True):
+    """A ZeroShot classifier for ``promptcore export --method zeroshot`` (no checkpoint).
+
+    ``templates`` is "openai" (the default), "simple" or a file with one template per line.
+    """
+    from promptcore.zeroshot import ZeroShot, read_templates
+
+    for key, value in (options or {}).items():
+        if value is not None:
+            raise ExportError(f"option {key!r} does not apply to ZeroShot")
+    if classnames is None:
+        raise ExportError("a zero-shot classifier needs class names: pass --classnames FILE or --dataset NAME")
+    return ZeroShot(model, classnames, templates=read_templates(templates or "openai"), tokenizer=tokenizer,
+                    progress=progress)
+
+
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -195,7 +212,9 @@ def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3), provider
     if not model_name:
         raise ExportError(f"{onnx_path} does not name its open_clip model")
     model, tokenizer = load_model(model_name, str(meta.get("pretrained") or "") or None)
-    module = get_method(str(meta["method"])).from_file(prompts, model, tokenizer=tokenizer)
+    # a zero-shot classifier is rebuilt from its templates, so the check covers the text side too
+    rebuild = {"use_saved": False} if meta["method"] == "zeroshot" else {}
+    module = get_method(str(meta["method"])).from_file(prompts, model, tokenizer=tokenizer, **rebuild)
     dtype = str(meta["dtype"])
     graph = build_graph(module, dtype, "image_features" in meta.get("outputs", []))
     with _stage(f"running {onnx_path} in onnxruntime against PyTorch"):

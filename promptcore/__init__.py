@@ -9,6 +9,7 @@ from .prompts import PromptTooLongError
 from .runner import run_folder
 from .tower import TextTower, UnsupportedModelError
 from .tpt import TPT, TPTOutput, ZeroOutput
+from .zeroshot import ZeroShot
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsafeCheckpointError",
     "ZeroOutput",
+    "ZeroShot",
     "read_torch_checkpoint",
     "run_folder",
 ]

@@ -31,21 +31,39 @@ def _progress(enabled: bool):
 def _export(args) -> int:
     from promptcore.export.pipeline import build_from_checkpoint, export_folder, register_model_config
 
-    from .models import load_model, read_classnames
+    from .models import builtin_classnames, load_model, read_classnames
 
     if args.model_config:
         register_model_config(args.model_config)
     step = _progress(not args.quiet)
+    if args.classnames and args.dataset:
+        raise ValueError("pass --classnames or --dataset, not both")
     classnames = read_classnames(args.classnames) if args.classnames else None
+    if args.dataset:
+        classnames = builtin_classnames(args.dataset)
+    zeroshot = args.method == "zeroshot" and args.checkpoint is None
+    if not zeroshot and args.checkpoint is None:
+        raise ValueError(f"--checkpoint is required for --method {args.method}")
+    if args.templates is not None and args.method != "zeroshot":
+        raise ValueError("--templates applies to --method zeroshot only")
+    if zeroshot:
+        from promptcore.zeroshot import check_templates, read_templates
+
+        check_templates(read_templates(args.templates or "openai"))  # bad templates fail before the model loads
     if step:
         step(f"loading {args.model}")
     model, tokenizer = load_model(args.model, args.pretrained, args.device, args.precision)
     options = {"n_ctx": args.n_ctx, "ctx_init": args.ctx_init, "csc": args.csc or None,
                "class_token_position": args.class_token_position, "depth": args.depth}
-    if step:
-        step(f"loading prompts from {args.checkpoint}")
-    module = build_from_checkpoint(args.method, model, tokenizer, args.checkpoint, classnames, options,
-                                   allow_new_classes=args.allow_new_classes)
+    if zeroshot:
+        from promptcore.export.pipeline import build_zeroshot
+
+        module = build_zeroshot(model, tokenizer, classnames, args.templates, options, progress=not args.quiet)
+    else:
+        if step:
+            step(f"loading prompts from {args.checkpoint}")
+        module = build_from_checkpoint(args.method, model, tokenizer, args.checkpoint, classnames, options,
+                                       allow_new_classes=args.allow_new_classes)
     module.model_name = args.model
     report = export_folder(module, args.out, dtype=args.dtype, with_features=args.with_features,
                            serving=args.serving, pretrained=args.pretrained, model_config=args.model_config,
@@ -206,13 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     exp = sub.add_parser("export", help="export learned prompts to a verified ONNX model (images -> logits)")
-    exp.add_argument("--method", required=True, help="coop, cocoop or maple")
+    exp.add_argument("--method", required=True, help="coop, cocoop, maple or zeroshot")
     exp.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
     exp.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
     exp.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
-    exp.add_argument("--checkpoint", required=True,
-                     help="official checkpoint (model.pth.tar-N or its folder) or a promptcore .safetensors file")
+    exp.add_argument("--checkpoint", default=None,
+                     help="official checkpoint (model.pth.tar-N or its folder) or a promptcore .safetensors file "
+                          "(required except for zeroshot)")
     exp.add_argument("--classnames", default=None, help="class names, one per line (required for official checkpoints)")
+    exp.add_argument("--dataset", default=None, help="built-in class names instead of --classnames (e.g. imagenet)")
+    exp.add_argument("--templates", default=None,
+                     help="zeroshot templates: openai (default), simple, or a file with one '{}' template per line")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="ONNX graph precision")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="PyTorch model precision")

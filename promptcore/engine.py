@@ -8,7 +8,8 @@ positions 0..i, and the feature is read at the EOT token, so:
 * the first P positions, identical for every class, are encoded once per group; each class's
   suffix (positions P .. EOT) attends to the prefix's keys/values plus its own (prefix sharing).
 
-A *group* is one copy of the prefix: one for CoOp, one per image for CoCoOp and TPT. The naive
+A *group* is one copy of the prefix: one for CoOp, one per image for CoCoOp and TPT, one per
+template for zero-shot classifiers (whose groups differ in their tokens, not only in context). The naive
 path assembles full ``context_length`` prompts and runs open_clip's own blocks, as the official
 code does; it is the test oracle, the benchmark baseline and the fallback for towers where the
 shortcut is not exact.
@@ -40,26 +41,45 @@ class PromptSet(nn.Module):
     ``slots`` (C, L) hold -1 for a fixed token or the context row k that fills the position.
     ``ctx_layout`` says whether context rows are shared by all classes ("shared" or "group",
     one copy per group) or class-specific ("class"); class-specific rows end the shared prefix.
+
+    ``ids`` and ``slots`` may also be (G, C, L): G groups, each with its own fixed tokens (no
+    context), e.g. one zero-shot template per group. Each group's prefix is its own tokens before
+    the first column where its classes differ; the set's ``prefix_len`` is the shortest of them,
+    and a longer group's remaining prefix tokens are encoded in its suffixes (exact, only slower:
+    callers put groups of equal prefix length together).
     """
 
     def __init__(self, tower: TextTower, ids: torch.Tensor, slots: torch.Tensor, ctx_layout: str = "shared",
                  max_buckets: int = 4):
         super().__init__()
-        if ids.dim() != 2 or ids.shape != slots.shape:
-            raise ValueError(f"ids and slots must both be (C, L), got {tuple(ids.shape)} and {tuple(slots.shape)}")
-        if ids.shape[0] == 0:
+        if ids.dim() not in (2, 3) or ids.shape != slots.shape:
+            raise ValueError(f"ids and slots must both be (C, L) or (G, C, L), got {tuple(ids.shape)} and "
+                             f"{tuple(slots.shape)}")
+        if ids.shape[-2] == 0:
             raise ValueError("a prompt set needs at least one class")
+        per_group = ids.dim() == 3
+        if per_group:
+            if ids.shape[0] == 0:
+                raise ValueError("a per-group prompt set needs at least one group")
+            if ctx_layout != "shared" or bool((slots >= 0).any()):
+                raise ValueError("per-group token ids (G, C, L) hold fixed tokens only: no context slots")
         device = tower.device
         ids = ids.to(device=device, dtype=torch.long)
         slots = slots.to(device=device, dtype=torch.long)
-        eot = tower.pool_positions(ids)
-        same = (ids == ids[:1]).all(dim=0) & (slots == slots[:1]).all(dim=0)
+        L = ids.shape[-1]
+        eot = tower.pool_positions(ids.reshape(-1, L)).reshape(ids.shape[:-1])
+        # Per-group sets: a column belongs to the shared prefix when, inside every group, all classes
+        # agree there (the groups' prefixes may differ in content, not in length).
+        ids3 = ids if per_group else ids.unsqueeze(0)
+        slots3 = slots if per_group else slots.unsqueeze(0)
+        same = (ids3 == ids3[:, :1]).all(dim=1).all(dim=0) & (slots3 == slots3[:, :1]).all(dim=1).all(dim=0)
         if ctx_layout == "class":
-            same &= slots[0] < 0
+            same &= slots3[0, 0] < 0
         not_same = (~same).nonzero()
-        prefix_len = int(not_same[0, 0]) if len(not_same) else ids.shape[1]
+        prefix_len = int(not_same[0, 0]) if len(not_same) else L
         prefix_len = max(0, min(prefix_len, int(eot.min())))
         self.ctx_layout = ctx_layout
+        self.per_group = per_group
         self.prefix_len = prefix_len
         self.suffix_len = int(eot.max()) + 1 - prefix_len
         self.register_buffer("ids", ids, persistent=False)
@@ -67,29 +87,38 @@ class PromptSet(nn.Module):
         self.register_buffer("eot", eot, persistent=False)
         keep = prefix_len + self.suffix_len
         with torch.no_grad():
-            self.register_buffer("token_embeds", tower.token_embedding(ids[:, :keep]), persistent=False)
+            self.register_buffer("token_embeds", tower.token_embedding(ids[..., :keep]), persistent=False)
         # Which positions hold context, decided once here as Python values: the encoders branch on
         # them, and a data-dependent branch cannot be traced for export.
         is_ctx = (slots >= 0).cpu()
-        self._ctx_columns = is_ctx.any(dim=0).tolist()
+        self._ctx_columns = is_ctx.reshape(-1, L).any(dim=0).tolist()
+        # a class's suffix is as long as its longest prompt over the groups
+        class_eot = eot.amax(dim=0) if per_group else eot
         self.buckets: List[Tuple[str, int, bool]] = []
-        for i, (members, length) in enumerate(length_buckets((eot - prefix_len + 1).tolist(), max_buckets)):
+        for i, (members, length) in enumerate(length_buckets((class_eot - prefix_len + 1).tolist(), max_buckets)):
             name = f"bucket{i}"
             self.register_buffer(name, torch.tensor(members, dtype=torch.long, device=device), persistent=False)
-            has_ctx = bool(is_ctx[members, prefix_len:prefix_len + length].any())
+            has_ctx = False if per_group else bool(is_ctx[members, prefix_len:prefix_len + length].any())
             self.buckets.append((name, length, has_ctx))
         self.register_buffer("bucket_order", torch.argsort(torch.cat([getattr(self, b[0]) for b in self.buckets])),
                              persistent=False)
 
     @property
     def num_classes(self) -> int:
-        return self.ids.shape[0]
+        return self.ids.shape[-2]
+
+    @property
+    def num_groups(self) -> int:
+        """Groups with their own tokens (G of per-group ids); 1 when every group shares the tokens."""
+        return self.ids.shape[0] if self.per_group else 1
 
     @property
     def live_tokens(self) -> Tuple[int, int]:
-        """(tokens per layer on the fast path for one group, tokens per layer on the naive path)."""
+        """(tokens per layer on the fast path, tokens per layer on the naive path), for one group of
+        shared tokens or for all G groups of per-group tokens."""
         suffix = sum(getattr(self, name).numel() * length for name, length, _ in self.buckets)
-        return self.prefix_len + suffix, self.num_classes * self.ids.shape[1]
+        G = self.num_groups
+        return G * (self.prefix_len + suffix), G * self.num_classes * self.ids.shape[-1]
 
     def bucket_views(self):
         """(class indices, suffix length, holds context) of each length bucket, on the prompts' device."""
@@ -206,8 +235,11 @@ class TextEngine:
         """Text features (G, C, E) of the prompt set with context ``ctx`` (and per-group ``bias``).
 
         ``ctx`` follows ``prompts.ctx_layout``: (K, D) shared, (C, K, D) class-specific,
-        (G, K, D) per group. ``bias`` (G, D) is added to every context row of group g.
+        (G, K, D) per group. ``bias`` (G, D) is added to every context row of group g. A prompt set
+        with per-group tokens gives (G, C, E) and takes no ``ctx``, ``bias`` or ``layer_prompts``.
         """
+        if prompts.per_group and (ctx is not None or bias is not None or layer_prompts is not None):
+            raise ValueError("a prompt set with per-group tokens takes no context, bias or layer prompts")
         resolved = self.resolve_path(path)
         # The fast path needs a shared prefix that holds every overwritten (deep-prompt) position.
         outside = layer_prompts is not None and max(layer_prompts.positions, default=-1) >= prompts.prefix_len
@@ -223,15 +255,16 @@ class TextEngine:
         """Full-length prompts through open_clip's blocks, the way the official code runs them."""
         tower = self.tower
         dtype = tower.dtype
-        C, L = prompts.ids.shape
+        C, L = prompts.ids.shape[-2:]
+        flat_ids = prompts.ids.reshape(-1, L)  # per-group tokens: the G x C prompts one after another
         with torch.no_grad():
-            tokens = tower.token_embedding(prompts.ids).to(dtype)
+            tokens = tower.token_embedding(flat_ids).to(dtype)
         pos = tower.positional_embedding[:L].to(dtype)
-        x = assemble_prompts(tokens, prompts.slots, pos, _cast(ctx, dtype), _cast(bias, dtype),
+        x = assemble_prompts(tokens, prompts.slots.reshape(-1, L), pos, _cast(ctx, dtype), _cast(bias, dtype),
                              prompts.ctx_layout if ctx is not None else "shared")
-        G = x.shape[0]
+        G = x.shape[0] * prompts.num_groups
         x = x.reshape(G * C, L, -1)
-        ids = prompts.ids.repeat(G, 1)
+        ids = flat_ids.repeat(x.shape[0] // flat_ids.shape[0], 1)
         layer_inputs = None
         if layer_prompts is not None:
             layer_inputs = {
@@ -270,12 +303,19 @@ class TextEngine:
 
         prefix_has_ctx = prompts.has_ctx(0, P)
         prefix_layout = "shared" if layout == "class" else layout
-        x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P], ctx if prefix_has_ctx else None,
-                                    bias if prefix_has_ctx else None, prefix_layout)[:, 0]
+        if prompts.per_group:
+            G = prompts.num_groups
+            suffixes = _per_group_inputs(prompts, tokens, pos)
+            x_prefix = assemble_prompts(tokens[:, 0, :P], prompts.slots[:, 0, :P], pos[:P])[0]
+        else:
+            x_prefix = assemble_prompts(tokens[:1, :P], prompts.slots[:1, :P], pos[:P],
+                                        ctx if prefix_has_ctx else None, bias if prefix_has_ctx else None,
+                                        prefix_layout)[:, 0]
+            suffixes = []
         if group_source is not None and not (prefix_has_ctx and ctx_grouped):
             x_prefix = x_prefix.expand(G, -1, -1)
-        suffixes = []  # per length bucket: [hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows, grouped]
-        for members, length, has_ctx in prompts.bucket_views():
+        # per length bucket: [hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows, grouped]
+        for members, length, has_ctx in ([] if prompts.per_group else prompts.bucket_views()):
             bucket_ctx = ctx if has_ctx else None
             if bucket_ctx is not None and layout == "class":
                 bucket_ctx = ctx[members]
@@ -295,10 +335,31 @@ class TextEngine:
                 entry[3] = True  # after attending to its group's prefix, every suffix is per group
         rows = []
         for x, _, eot, grouped in suffixes:
-            r = x[:, torch.arange(x.shape[1], device=x.device), eot]
+            classes = torch.arange(x.shape[1], device=x.device)
+            if eot.dim() == 2:  # per-group tokens: each group's own EOT row
+                r = x[torch.arange(x.shape[0], device=x.device)[:, None], classes[None, :], eot]
+            else:
+                r = x[:, classes, eot]
             rows.append(r if grouped else r.expand(G, -1, -1))
         eot_rows = torch.cat(rows, dim=1).index_select(1, prompts.bucket_order)
         return tower.project(eot_rows)
+
+
+def _per_group_inputs(prompts: PromptSet, tokens: torch.Tensor, pos: torch.Tensor) -> list:
+    """Suffix inputs of a per-group prompt set: per length bucket [(G, C_b, S_b, D), suffix lengths
+    (C_b,), EOT rows (G, C_b), grouped]. A class's suffix runs to its latest EOT over the groups; the
+    rows after a group's own EOT are computed and never read (causal: they change nothing before)."""
+    P = prompts.prefix_len
+    G, D = tokens.shape[0], tokens.shape[-1]
+    out = []
+    for members, length, _ in prompts.bucket_views():
+        t = tokens[:, members, P:P + length]
+        Cb = t.shape[1]
+        x = assemble_prompts(t.reshape(G * Cb, length, D), prompts.slots[:, members, P:P + length].reshape(G * Cb, -1),
+                             pos[P:P + length])[0].reshape(G, Cb, length, D)
+        eot = prompts.eot[:, members] - P
+        out.append([x, eot.amax(dim=0) + 1, eot, True])
+    return out
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

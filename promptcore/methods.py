@@ -9,11 +9,12 @@ METHODS = {
     "cocoop": ("promptcore.cocoop", "CoCoOp"),
     "maple": ("promptcore.maple", "MaPLe"),
     "tpt": ("promptcore.tpt", "TPT"),
+    "zeroshot": ("promptcore.zeroshot", "ZeroShot"),
 }
 
 
 def get_method(name: str):
-    """The module class of a method name ("coop", "cocoop", "maple", "tpt")."""
+    """The module class of a method name ("coop", "cocoop", "maple", "tpt", "zeroshot")."""
     key = str(name).lower()
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")

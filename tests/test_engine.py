@@ -266,3 +266,63 @@ def test_layer_prompts_outside_the_prefix_use_the_full_path():
     torch.testing.assert_close(auto, naive, rtol=0, atol=0)
     wrong = engine.encode_fast(prompts, ctx, layer_prompts=LayerPrompts([1], {1: deep[1][:1]}))
     assert scaled_error(wrong, naive) > 1e-4  # the shortcut would have missed the suffix overwrite
+
+
+def _per_group_ids(templates, names):
+    from promptcore.prompts import default_tokenizer
+
+    tok = default_tokenizer()
+    return torch.stack([tok([t.format(n) for n in names]) for t in templates])
+
+
+@pytest.mark.parametrize("kind", ["quickgelu", "custom_text"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_groups_with_own_tokens_equal_full_prompts(kind, backend, monkeypatch):
+    """Per-group token ids (G, C, L): prefixes of different content and length, tails of different length."""
+    monkeypatch.setenv("PROMPTCORE_BACKEND", backend)
+    templates = ["a photo of a {}.", "itap of a {}.", "a {} in a video game.", "{}"]
+    names = MIXED_NAMES if backend == "torch" else MIXED_NAMES[:3]
+    model = make_model(kind)
+    ids = _per_group_ids(templates, names)
+    engine = TextEngine(model)
+    prompts = PromptSet(engine.tower, ids, torch.full_like(ids, -1))
+    assert prompts.per_group and prompts.num_groups == 4 and prompts.num_classes == len(names)
+    assert prompts.prefix_len == 1  # the "{}" template leaves only SOS in common
+    assert prompts.eot.shape == (4, len(names))
+    with torch.no_grad():
+        ref = model.encode_text(ids.reshape(-1, 77)).reshape(4, len(names), -1)
+        oracle = float64_copy(model).encode_text(ids.reshape(-1, 77)).reshape(4, len(names), -1)
+    fast = engine.encode(prompts, path="fast")
+    assert fast.shape == ref.shape
+    assert_within_naive_error(fast, ref, oracle, name="fast")
+    assert_within_naive_error(engine.encode(prompts, path="naive"), ref, oracle, name="naive")
+    # groups of equal prefix length share all of it: SOS + "a photo of a" / "a bad photo of a"
+    same_len = _per_group_ids(["a photo of a {}.", "a bad photo of the {}!"], names)
+    shared = PromptSet(engine.tower, same_len, torch.full_like(same_len, -1))
+    assert shared.prefix_len == 5
+    with torch.no_grad():
+        ref2 = model.encode_text(same_len.reshape(-1, 77)).reshape(2, len(names), -1)
+        oracle2 = float64_copy(model).encode_text(same_len.reshape(-1, 77)).reshape(2, len(names), -1)
+    assert_within_naive_error(engine.encode(shared, path="fast"), ref2, oracle2, name="shared prefix")
+    live, full = shared.live_tokens
+    suffixes = sum(getattr(shared, b).numel() * n for b, n, _ in shared.buckets)
+    assert full == 2 * len(names) * 77 and live == 2 * (5 + suffixes)
+
+
+def test_one_group_one_class_and_bad_per_group_sets():
+    model = make_model()
+    engine = TextEngine(model)
+    ids = _per_group_ids(["a photo of a {}."], ["goldfish"])
+    prompts = PromptSet(engine.tower, ids, torch.full_like(ids, -1))
+    with torch.no_grad():
+        ref = model.encode_text(ids[0])
+        oracle = float64_copy(model).encode_text(ids[0])
+    assert_within_naive_error(engine.encode(prompts, path="fast")[0], ref, oracle, name="one class")
+    slots = torch.full_like(ids, -1)
+    slots[..., 1] = 0
+    with pytest.raises(ValueError, match="fixed tokens only"):
+        PromptSet(engine.tower, ids, slots)
+    with pytest.raises(ValueError, match="at least one group"):
+        PromptSet(engine.tower, ids[:0], slots[:0])
+    with pytest.raises(ValueError, match="no context, bias or layer prompts"):
+        engine.encode(prompts, torch.zeros(1, 64))
