@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ._utils import (
     HAS_TRITON,
+    INTERPRETED,
     cast_for_store,
     dot_in_input_dtype,
     needs_bf16_rounding,
@@ -268,7 +269,7 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_blocks(x: torch.Tensor):
-    if x.is_cuda:
+    if not INTERPRETED:
         return dict(BLOCK_B=128, BLOCK_N=128, BLOCK_E=32 if x.dtype == torch.float32 else 64, num_warps=8,
                     num_stages=3)
     return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32)  # interpreter: few, large programs
@@ -314,7 +315,7 @@ def _normalised_grad(dlogits_view, x, y, y_norm, logit_scale, sg_m, sg_n):
     M, E = x.shape
     N = y.shape[0]
     dxh = torch.empty((M, E), dtype=torch.float32, device=x.device)
-    bm, bn, be = (64, 32, 64) if not x.is_cuda else (64, 64, 64)
+    bm, bn, be = (64, 32, 64) if INTERPRETED else (64, 64, 64)
     upcast = not dot_in_input_dtype(dlogits_view) or dlogits_view.dtype != y.dtype
     grid = (triton.cdiv(M, bm), triton.cdiv(E, be))
     _cosine_logits_bwd_kernel[grid](
