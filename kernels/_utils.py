@@ -91,14 +91,14 @@ else:  # the kernel files import these names; without Triton they are never call
     cast_for_store = None
 
 
-def dot_precision(t: torch.Tensor) -> str:
-    """``tl.dot``'s input precision for tiles of ``t``'s dtype.
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for tiles of ``dtype``.
 
     Compiled fp32 uses 3xTF32 (tensor cores, error near IEEE fp32): IEEE fp32 dots run on the FMA
     units with each operand row replicated per thread, which spills at any useful tile size. fp16/bf16
     ignore the setting; the interpreter multiplies in IEEE fp32 whatever it says.
     """
-    return "tf32x3" if not INTERPRETED and t.dtype == torch.float32 else "ieee"
+    return "tf32x3" if not INTERPRETED and dtype == torch.float32 else "ieee"
 
 
 def needs_bf16_rounding(out: torch.Tensor) -> bool:

@@ -402,7 +402,7 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
         v_prefix, *_prefix_strides(v_prefix, G),
         lens,
         R, S, H, P, d, scale * math.log2(math.e),
-        UPCAST=not dot_in_input_dtype(q), DOT=dot_precision(q), RTNE_BF16=needs_bf16_rounding(out), **cfg,
+        UPCAST=not dot_in_input_dtype(q), DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(out), **cfg,
     )
     return out, lse
 
@@ -428,7 +428,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         dout, *dout.stride()[:4],
         lse, lens,
         R, S, H, P, d, qk_scale, scale,
-        UPCAST=upcast, DOT=dot_precision(q), RTNE_BF16=needs_bf16_rounding(dq), **cfg,
+        UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(dq), **cfg,
     )
     # the keys' kernel walks queries (BLOCK_M) per key block (BLOCK_N): the same tiles, roles swapped
     kv_cfg = dict(cfg, BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"])
@@ -445,7 +445,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens,
             R, S, H, R, d, R, qk_scale, scale,
-            PREFIX_KEYS=False, UPCAST=upcast, DOT=dot_precision(q), RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
+            PREFIX_KEYS=False, UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
         )
     # prefix grads, stage 1: one fp32 partial per (split of query rows, group); stage 2: a fixed-order sum
     dkp = torch.zeros(k_prefix.shape, dtype=torch.float32, device=q.device)
@@ -466,7 +466,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens,
             R, S, H, P, d, rows_per_split, qk_scale, scale,
-            PREFIX_KEYS=True, UPCAST=upcast, DOT=dot_precision(q), RTNE_BF16=False, **kv_cfg,
+            PREFIX_KEYS=True, UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=False, **kv_cfg,
         )
         dims = (0,) if Gp == G else (0, 1)  # a prefix broadcast over groups gets the sum over groups too
         dkp = dkp_part.sum(dims).reshape(k_prefix.shape)

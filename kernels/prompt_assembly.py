@@ -32,7 +32,16 @@ from typing import Optional
 
 import torch
 
-from ._utils import HAS_TRITON, cast_for_store, needs_bf16_rounding, next_pow2, no_zero_strides, tl, triton
+from ._utils import (
+    HAS_TRITON,
+    cast_for_store,
+    needs_bf16_rounding,
+    next_pow2,
+    no_zero_strides,
+    tl,
+    triton,
+    vector_aligned,
+)
 from .backend import use_triton
 
 CTX_LAYOUTS = ("shared", "class", "group")
@@ -193,8 +202,10 @@ def _ctx_strides(t, ctx_layout):
     return t.stride(0), 0, t.stride(1)
 
 
-def _blocks(D: int):
-    return 32, min(128, next_pow2(D, 16))
+def _blocks(D: int, *tensors) -> tuple:
+    """(rows, columns) per tile: unaligned inputs load element by element, a 64-bit address each,
+    so their tiles are a quarter of the size (the resource gate checks neither spills)."""
+    return 32, min(128 if vector_aligned(*tensors) else 32, next_pow2(D, 16))
 
 
 def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
@@ -204,7 +215,7 @@ def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
     out = torch.empty((G, C, S, D), dtype=token_embeds.dtype, device=token_embeds.device)
     has_ctx = ctx is not None
     has_bias = has_ctx and bias is not None
-    block_r, block_d = _blocks(D)
+    block_r, block_d = _blocks(D, out, token_embeds, pos, ctx, bias)
     _assemble_prompts_fwd_kernel[(triton.cdiv(R, block_r), G)](
         out, out.stride(0), out.stride(1), out.stride(2),
         token_embeds, token_embeds.stride(0), token_embeds.stride(1),
@@ -226,7 +237,7 @@ def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
     # or bias, otherwise one program sums every group in registers
     per_group = ctx_layout == "group" or bias is not None
     part = torch.zeros((G if per_group else 1, C, K, D), dtype=torch.float32, device=dout.device)
-    block_r, block_d = _blocks(D)
+    block_r, block_d = _blocks(D, part, dout)
     _assemble_prompts_bwd_kernel[(triton.cdiv(R, block_r), G if per_group else 1)](
         part, part.stride(0), part.stride(1), part.stride(2),
         dout, dout.stride(0), dout.stride(1), dout.stride(2),

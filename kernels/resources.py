@@ -124,30 +124,33 @@ def _module(name):
     return importlib.import_module(f"promptcore.kernels.{name}")
 
 
-def _assembly_cases():
-    asm = _module("prompt_assembly")
-    C, S, D, K, G = 10, 8, 512, 4, 3
-    for dtype in DTYPES:
-        for ctx_dtype in sorted({dtype, torch.float32}, key=str):  # CLIP in low precision, fp32 learned ctx
-            tok, pos = torch.randn(C, S, D, dtype=dtype), torch.randn(S, D, dtype=dtype)
-            slots = torch.full((C, S), -1, dtype=torch.long)
-            slots[:, 1:1 + K] = torch.arange(K)
-            ctx, bias = torch.randn(G, K, D, dtype=ctx_dtype), torch.randn(G, D, dtype=ctx_dtype)
-            with _case(dtype, f"ctx {_DTYPE_NAMES[ctx_dtype]}"):
-                asm._assemble_prompts_fwd(tok, slots, pos, ctx, bias, "group")
-                asm._assemble_prompts_fwd(tok, slots, pos, ctx[0], None, "shared")
-                asm._assemble_prompts_fwd(tok, slots, pos, None, None, "shared")
-        dout = torch.randn(G, C, S, D, dtype=dtype)
-        with _case(dtype, "bwd"):
-            for layout, ctx in (("shared", torch.randn(K, D)), ("group", torch.randn(G, K, D))):
-                asm._assemble_prompts_bwd(dout, slots, ctx, torch.randn(G, D), layout)
-                asm._assemble_prompts_bwd(dout, slots, ctx, None, layout)
-
-
 def _unaligned(*shape, dtype):
     """A tensor viewed one element past a fresh allocation: the JIT gives its pointer no divisibility."""
     n = math.prod(shape)
     return torch.randn(n + 1).to(dtype)[1:].view(shape)
+
+
+def _assembly_cases():
+    asm = _module("prompt_assembly")
+    C, S, K, G = 10, 7, 4, 3
+    slots = torch.full((C, S), -1, dtype=torch.long)
+    slots[:, 1:1 + K] = torch.arange(K)
+    for dtype in DTYPES:
+        for aligned, D in ((True, 512), (False, 509)):
+            make = (lambda *s, dt=dtype: torch.randn(*s, dtype=dt)) if aligned else partial(_unaligned, dtype=dtype)
+            for ctx_dtype in sorted({dtype, torch.float32}, key=str):  # low-precision CLIP, fp32 learned ctx
+                tok, pos = make(C, S, D), make(S, D)
+                ctx = torch.randn(G, K, D, dtype=ctx_dtype)
+                bias = torch.randn(G, D, dtype=ctx_dtype)
+                with _case(dtype, f"D={D} ctx {_DTYPE_NAMES[ctx_dtype]}", aligned):
+                    asm._assemble_prompts_fwd(tok, slots, pos, ctx, bias, "group")
+                    asm._assemble_prompts_fwd(tok, slots, pos, ctx[0], None, "shared")
+                    asm._assemble_prompts_fwd(tok, slots, pos, None, None, "shared")
+            with _case(dtype, f"D={D} bwd", aligned):
+                dout = make(G, C, S, D)
+                for layout, ctx in (("shared", torch.randn(K, D)), ("group", torch.randn(G, K, D))):
+                    asm._assemble_prompts_bwd(dout, slots, ctx, torch.randn(G, D), layout)
+                    asm._assemble_prompts_bwd(dout, slots, ctx, None, layout)
 
 
 def _attention_cases():
@@ -168,16 +171,19 @@ def _attention_cases():
 
 def _cosine_cases():
     cl = _module("cosine_logits")
-    B, N, E = 64, 1000, 512
+    B, N = 64, 1000
     for dtype in DTYPES:
-        img, txt = torch.randn(B, E, dtype=dtype), torch.randn(N, E, dtype=dtype)
-        scale = torch.tensor(4.6)
-        with _case(dtype, ""):
-            for stats in (False, True):
-                cl._cosine_logits_fwd(img, txt, scale, stats)
-            dlogits = torch.randn(B, N, dtype=dtype)
-            cl._normalised_grad(dlogits, img, txt, torch.ones(N), scale, dlogits.stride(0), dlogits.stride(1))
-            cl._l2_normalize_bwd(torch.randn(B, E), img, torch.ones(B))
+        for aligned, E in ((True, 512), (False, 509)):
+            make = (lambda *s: torch.randn(*s, dtype=dtype)) if aligned else partial(_unaligned, dtype=dtype)
+            img, txt = make(B, E), make(N, E)
+            scale = torch.tensor(4.6)
+            with _case(dtype, f"E={E}", aligned):
+                for stats in (False, True):
+                    cl._cosine_logits_fwd(img, txt, scale, stats)
+                dlogits = make(B, N)
+                cl._normalised_grad(dlogits, img, txt, torch.ones(N), scale, dlogits.stride(0), dlogits.stride(1))
+                cl._normalised_grad(dlogits, txt, img, torch.ones(B), scale, dlogits.stride(1), dlogits.stride(0))
+                cl._l2_normalize_bwd(torch.randn(B, E), img, torch.ones(B))
 
 
 CASES: dict[str, Callable[[], None]] = {
