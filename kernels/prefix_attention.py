@@ -360,22 +360,32 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# (fp32, vector-aligned inputs, head dim <= 64) -> (BLOCK_M, BLOCK_N). fp32 tiles hold twice the bytes of
-# fp16/bf16 ones, and unaligned inputs load element by element (a 64-bit address each), so both get
-# smaller tiles than aligned fp16/bf16
+# (kernel, fp32, vector-aligned inputs, head dim <= 64) -> (BLOCK_M query rows, BLOCK_N keys, warps), chosen
+# with the resource gate (python -m promptcore.kernels.resources) so that nothing spills on sm_80/sm_90.
+# fp32 tiles hold twice the bytes of fp16/bf16 ones; unaligned inputs load element by element (a 64-bit
+# address each), so they get small tiles over 8 warps; the backward kernels keep more tiles live.
 _TILES = {
-    (False, True, True): (64, 32), (False, True, False): (64, 32),
-    (False, False, True): (32, 32), (False, False, False): (16, 16),
-    (True, True, True): (32, 32), (True, True, False): (32, 16),
-    (True, False, True): (32, 16), (True, False, False): (16, 16),
+    ("fwd", False, True, True): (64, 32, 4), ("fwd", False, True, False): (64, 16, 4),
+    ("fwd", False, False, True): (32, 32, 8), ("fwd", False, False, False): (16, 16, 8),
+    ("fwd", True, True, True): (32, 32, 4), ("fwd", True, True, False): (16, 16, 4),
+    ("fwd", True, False, True): (16, 16, 4), ("fwd", True, False, False): (16, 16, 8),
+    ("dq", False, True, True): (64, 16, 4), ("dq", False, True, False): (64, 32, 4),
+    ("dq", False, False, True): (32, 32, 8), ("dq", False, False, False): (16, 16, 8),
+    ("dq", True, True, True): (32, 16, 4), ("dq", True, True, False): (16, 16, 4),
+    ("dq", True, False, True): (16, 16, 4), ("dq", True, False, False): (16, 16, 8),
+    ("dkdv", False, True, True): (32, 32, 4), ("dkdv", False, True, False): (32, 32, 4),
+    ("dkdv", False, False, True): (16, 32, 8), ("dkdv", False, False, False): (16, 16, 8),
+    ("dkdv", True, True, True): (16, 32, 4), ("dkdv", True, True, False): (16, 16, 4),
+    ("dkdv", True, False, True): (16, 16, 4), ("dkdv", True, False, False): (16, 16, 8),
 }
 
 
-def _config(d: int, dtype: torch.dtype, aligned: bool) -> dict:
-    """Tile sizes and warps per dtype, alignment and head dim: none spills on sm_80/sm_90 (resources.py)."""
-    block_m, block_n = _TILES[(dtype == torch.float32, aligned, d <= 64)]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64 if d <= 64 else 128, num_warps=4,
-                num_stages=1 if dtype == torch.float32 else 2)
+def _config(kernel: str, d: int, dtype: torch.dtype, aligned: bool) -> dict:
+    """Tiles, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for this head dim, dtype and alignment."""
+    fp32 = dtype == torch.float32
+    block_m, block_n, warps = _TILES[(kernel, fp32, aligned, d <= 64)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64 if d <= 64 else 128, num_warps=warps,
+                num_stages=1 if fp32 else 2)
 
 
 def _prefix_strides(t: torch.Tensor, groups: int):
@@ -390,7 +400,7 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
     R = C * S
     out = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
-    cfg = _config(d, q.dtype, vector_aligned(out, q, k, v, k_prefix, v_prefix))
+    cfg = _config("fwd", d, q.dtype, vector_aligned(out, q, k, v, k_prefix, v_prefix))
     grid = (triton.cdiv(R, cfg["BLOCK_M"]), G * H)
     _prefix_attention_fwd_kernel[grid](
         out, *out.stride()[:4],
@@ -411,7 +421,8 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
     G, C, S, H, d = q.shape
     Gp, P = k_prefix.shape[:2]
     R = C * S
-    cfg = _config(d, q.dtype, vector_aligned(dout, q, k, v, k_prefix, v_prefix, out))
+    aligned = vector_aligned(dout, q, k, v, k_prefix, v_prefix, out)
+    cfg = _config("dq", d, q.dtype, aligned)
     upcast = not dot_in_input_dtype(q)
     qk_scale = scale * math.log2(math.e)
     dq = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
@@ -430,8 +441,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         R, S, H, P, d, qk_scale, scale,
         UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(dq), **cfg,
     )
-    # the keys' kernel walks queries (BLOCK_M) per key block (BLOCK_N): the same tiles, roles swapped
-    kv_cfg = dict(cfg, BLOCK_M=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_M"])
+    kv_cfg = _config("dkdv", d, q.dtype, aligned)  # walks query blocks (BLOCK_M) per key block (BLOCK_N)
     dk = dv = None
     if need_dkdv:
         dk = torch.empty((G, C, S, H, d), dtype=k.dtype, device=q.device)
