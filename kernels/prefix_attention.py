@@ -361,9 +361,9 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
 
 
 # (kernel, fp32, vector-aligned inputs, head dim <= 64) -> (BLOCK_M query rows, BLOCK_N keys, warps), chosen
-# with the resource gate (python -m promptcore.kernels.resources) so that nothing spills on sm_80/sm_90.
-# fp32 tiles hold twice the bytes of fp16/bf16 ones; unaligned inputs load element by element (a 64-bit
-# address each), so they get small tiles over 8 warps; the backward kernels keep more tiles live.
+# with the resource gate (python -m promptcore.kernels.resources) to keep registers from spilling on sm_80 and
+# sm_90. fp32 tiles hold twice the bytes of fp16/bf16 ones; unaligned inputs load element by element (a
+# 64-bit address each), so they get small tiles over 8 warps; the backward kernels keep more tiles live.
 _TILES = {
     ("fwd", False, True, True): (64, 32, 4), ("fwd", False, True, False): (64, 16, 4),
     ("fwd", False, False, True): (32, 32, 8), ("fwd", False, False, False): (16, 16, 8),
@@ -371,21 +371,29 @@ _TILES = {
     ("fwd", True, False, True): (16, 16, 4), ("fwd", True, False, False): (16, 16, 8),
     ("dq", False, True, True): (64, 16, 4), ("dq", False, True, False): (64, 32, 4),
     ("dq", False, False, True): (32, 32, 8), ("dq", False, False, False): (16, 16, 8),
-    ("dq", True, True, True): (32, 16, 4), ("dq", True, True, False): (16, 16, 4),
-    ("dq", True, False, True): (16, 16, 4), ("dq", True, False, False): (16, 16, 8),
     ("dkdv", False, True, True): (32, 32, 4), ("dkdv", False, True, False): (32, 32, 4),
     ("dkdv", False, False, True): (16, 32, 8), ("dkdv", False, False, False): (16, 16, 8),
-    ("dkdv", True, True, True): (16, 32, 4), ("dkdv", True, True, False): (16, 16, 4),
-    ("dkdv", True, False, True): (16, 16, 4), ("dkdv", True, False, False): (16, 16, 8),
+    ("dkdv_prefix", False, True, True): (32, 32, 4), ("dkdv_prefix", False, True, False): (32, 32, 4),
+    ("dkdv_prefix", False, False, True): (16, 32, 8), ("dkdv_prefix", False, False, False): (16, 16, 8),
 }
+# fp32 backward: 16 x 16 tiles. IEEE fp32 dots (FMA units) fit 4 warps without spilling at head dim <= 64
+# (and cost less than 3xTF32, whose hi/lo operand splits double the live tiles), except for the aligned
+# prefix keys; at head dim 128 only 3xTF32 over 8 warps comes close (see the README's resource table)
+_IEEE_FP32 = {("dq", True, True), ("dq", False, True), ("dkdv", True, True), ("dkdv", False, True),
+              ("dkdv_prefix", False, True)}  # (kernel, aligned, head dim <= 64)
+for kernel in ("dq", "dkdv", "dkdv_prefix"):
+    for aligned in (True, False):
+        for small in (True, False):
+            _TILES[(kernel, True, aligned, small)] = (16, 16, 4 if (kernel, aligned, small) in _IEEE_FP32 else 8)
 
 
 def _config(kernel: str, d: int, dtype: torch.dtype, aligned: bool) -> dict:
-    """Tiles, warps and stages of ``kernel`` ("fwd", "dq" or "dkdv") for this head dim, dtype and alignment."""
+    """Tiles, warps, stages and fp32 dot precision of ``kernel`` ("fwd", "dq", "dkdv" or "dkdv_prefix")."""
     fp32 = dtype == torch.float32
     block_m, block_n, warps = _TILES[(kernel, fp32, aligned, d <= 64)]
+    dot = "ieee" if fp32 and (kernel, aligned, d <= 64) in _IEEE_FP32 else dot_precision(dtype)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64 if d <= 64 else 128, num_warps=warps,
-                num_stages=1 if fp32 else 2)
+                num_stages=1 if fp32 else 2, DOT=dot)
 
 
 def _prefix_strides(t: torch.Tensor, groups: int):
@@ -412,7 +420,7 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
         v_prefix, *_prefix_strides(v_prefix, G),
         lens,
         R, S, H, P, d, scale * math.log2(math.e),
-        UPCAST=not dot_in_input_dtype(q), DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(out), **cfg,
+        UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out), **cfg,
     )
     return out, lse
 
@@ -439,7 +447,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         dout, *dout.stride()[:4],
         lse, lens,
         R, S, H, P, d, qk_scale, scale,
-        UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(dq), **cfg,
+        UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq), **cfg,
     )
     kv_cfg = _config("dkdv", d, q.dtype, aligned)  # walks query blocks (BLOCK_M) per key block (BLOCK_N)
     dk = dv = None
@@ -455,19 +463,20 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens,
             R, S, H, R, d, R, qk_scale, scale,
-            PREFIX_KEYS=False, UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
+            PREFIX_KEYS=False, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
         )
     # prefix grads, stage 1: one fp32 partial per (split of query rows, group); stage 2: a fixed-order sum
     dkp = torch.zeros(k_prefix.shape, dtype=torch.float32, device=q.device)
     dvp = torch.zeros(v_prefix.shape, dtype=torch.float32, device=q.device)
     if P > 0:
-        rows_per_split = SPLIT_BLOCKS * kv_cfg["BLOCK_M"]
+        kp_cfg = _config("dkdv_prefix", d, q.dtype, aligned)
+        rows_per_split = SPLIT_BLOCKS * kp_cfg["BLOCK_M"]
         splits = triton.cdiv(R, rows_per_split)
         dkp_part = torch.empty((splits, G, P, H, d), dtype=torch.float32, device=q.device)
         dvp_part = torch.empty_like(dkp_part)
         kp_sg, kp_sp, kp_sh = _prefix_strides(k_prefix, G)
         vp_sg, vp_sp, vp_sh = _prefix_strides(v_prefix, G)
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(P, kv_cfg["BLOCK_N"]), G * H, splits)](
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(P, kp_cfg["BLOCK_N"]), G * H, splits)](
             dkp_part, dkp_part.stride(0), 0, dkp_part.stride(1), dkp_part.stride(2), dkp_part.stride(3),
             dvp_part, dvp_part.stride(0), 0, dvp_part.stride(1), dvp_part.stride(2), dvp_part.stride(3),
             q, *q.stride()[:4],
@@ -476,7 +485,7 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens,
             R, S, H, P, d, rows_per_split, qk_scale, scale,
-            PREFIX_KEYS=True, UPCAST=upcast, DOT=dot_precision(q.dtype), RTNE_BF16=False, **kv_cfg,
+            PREFIX_KEYS=True, UPCAST=upcast, RTNE_BF16=False, **kp_cfg,
         )
         dims = (0,) if Gp == G else (0, 1)  # a prefix broadcast over groups gets the sum over groups too
         dkp = dkp_part.sum(dims).reshape(k_prefix.shape)

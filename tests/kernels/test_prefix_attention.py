@@ -139,7 +139,7 @@ def test_prefix_grads_two_stage_reduction_is_deterministic(device):
     """Enough rows for several partials of the prefix grads: right against the reference, bit-equal twice."""
     G, C, S, H, d, P = 1, 70, 8, 1, 16, 5
     args = make_inputs(G, C, S, H, d, P, 1, torch.float32, device, seed=11)
-    cfg = pa._config("dkdv", d, torch.float32, pa.vector_aligned(*args))
+    cfg = pa._config("dkdv_prefix", d, torch.float32, pa.vector_aligned(*args))
     assert C * S > pa.SPLIT_BLOCKS * cfg["BLOCK_M"], "the shape must span more than one partial"
     fn = attention(per_class_lens(C, S).to(device))
     mask = [False, False, False, True, True]
