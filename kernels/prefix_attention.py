@@ -11,21 +11,24 @@ Shapes: ``q, k, v`` (G, C, S, H, d); ``k_prefix, v_prefix`` (G, P, H, d); ``suff
 The prefix is read per group, never expanded over classes. Statistics in fp32; output in
 the dtype of ``q``.
 
-Triton path (fp16, bf16, fp32; any d, padded to a power of two with masks; any P >= 0):
+Triton path (fp16, bf16, fp32; head dims up to 128, padded to 64 or 128 with masks; any P >= 0):
 
 * forward: one program per (block of BLOCK_M flattened suffix rows (c, i), group, head).
-  It streams the group's prefix K/V in BLOCK_N chunks, then the suffix keys of the classes
-  its rows belong to (block-diagonal causal mask), with an online base-2 softmax in fp32;
-  it writes the output and the row log-sum-exp (fp32, for the backward).
-* backward, two kernels: (1) per query block: dq, and the prefix grads dk_prefix/dv_prefix,
-  accumulated over classes with fp32 ``tl.atomic_add`` into a (G, P, H, d) buffer (so their
-  summation order, and their last bits, are not deterministic); (2) per suffix-key block:
-  dk, dv of the suffix (no atomics: a key is only seen by queries of its own class).
+  It streams the group's prefix K/V in BLOCK_N chunks, then the suffix keys of the classes its
+  rows belong to (block-diagonal causal mask), with an online base-2 softmax in fp32 (one helper,
+  ``_online_softmax_update``); it writes the output and the row log-sum-exp (fp32, for the backward).
+* backward, three launches of two kernels: (1) per query block: delta = <dout, out> and dq;
+  (2) per suffix-key block: dk, dv of the suffix (no other program touches those keys); (3) per
+  prefix-key block and split of SPLIT_BLOCKS query blocks: an fp32 partial of dk_prefix/dv_prefix,
+  the partials then summed in a fixed order (deterministic; no atomics).
+* tiles, warps and fp32 dot precision per kernel, dtype, alignment and head dim (``_TILES``),
+  chosen with the static resource gate (``python -m promptcore.kernels.resources``); head dims
+  above 128 take the reference.
 * q/k/v may be strided views of a fused qkv projection: strides are passed as they are
   (the head dim must have stride 1, and expanded stride-0 views are copied).
 * on CUDA, fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation, probabilities
-  rounded to the input dtype before P @ V, as FlashAttention does); under the interpreter
-  and for fp32 every tile is upcast and multiplied in IEEE fp32.
+  rounded to the input dtype before P @ V, as FlashAttention does); compiled fp32 runs 3xTF32
+  or IEEE fp32 dots (see ``_config``); under the interpreter every tile is upcast to fp32.
 * ``k_prefix`` with a group dim of 1 is broadcast over groups (stride 0, not copied); its
   grads are then summed over groups too.
 """

@@ -194,13 +194,13 @@ CASES: dict[str, Callable[[], None]] = {
 
 
 def kernel_names() -> list[str]:
-    """Names of every ``@triton.jit`` kernel of the three ops (``_*_kernel``)."""
-    from triton.runtime.jit import JITFunction
+    """Names of every ``@triton.jit`` kernel of the three ops (``_*_kernel``), compiled or interpreted."""
+    from triton.runtime.jit import KernelInterface
 
     names = []
     for mod in KERNEL_MODULES:
         for name, obj in vars(_module(mod)).items():
-            if name.startswith("_") and name.endswith("_kernel") and isinstance(obj, JITFunction):
+            if name.startswith("_") and name.endswith("_kernel") and isinstance(obj, KernelInterface):
                 names.append(name)
     return names
 
