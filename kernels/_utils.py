@@ -7,6 +7,8 @@ the PyTorch reference. Nothing here touches a device at import time.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # guarded: `import promptcore.kernels` must work without Triton
@@ -17,6 +19,10 @@ except ImportError:  # pragma: no cover - exercised on platforms without Triton
     tl = None
 
 HAS_TRITON = triton is not None
+# Triton decides at decoration time whether ``@triton.jit`` kernels are interpreted; so do the launchers
+# (block sizes, operand precision), which is what lets the resource gate capture the compiled variants
+# on a machine without a GPU.
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,13 +44,30 @@ def no_zero_strides(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def vector_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether the JIT can specialise every tensor for 16-byte vector access along its last dim.
+
+    That is: data pointers 16-byte aligned, every non-unit stride and the last dim divisible by 16
+    (the ``tt.divisibility`` the JIT applies). Launchers pick larger tiles then; unaligned views
+    (odd offsets, odd feature sizes) get smaller tiles, which fit the registers with scalar loads.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        if t.data_ptr() % 16 or t.shape[-1] % 16:
+            return False
+        if any(st % 16 for st, sz in zip(t.stride()[:-1], t.shape[:-1]) if sz > 1):
+            return False
+    return True
+
+
 def dot_in_input_dtype(t: torch.Tensor) -> bool:
     """Whether ``tl.dot`` may take fp16/bf16 tiles as they are (tensor cores, fp32 accumulation).
 
-    Only compiled CUDA kernels: under the interpreter bf16 ``tl.dot`` is silently wrong, so there
+    Only compiled kernels: under the interpreter bf16 ``tl.dot`` is silently wrong, so there
     (and for fp32 inputs) tiles are upcast to fp32 and multiplied in IEEE fp32.
     """
-    return t.is_cuda and t.dtype in _LOW_PRECISION
+    return not INTERPRETED and t.dtype in _LOW_PRECISION
 
 
 if HAS_TRITON:
@@ -68,6 +91,16 @@ else:  # the kernel files import these names; without Triton they are never call
     cast_for_store = None
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for tiles of ``dtype``.
+
+    Compiled fp32 uses 3xTF32 (tensor cores, error near IEEE fp32): IEEE fp32 dots run on the FMA
+    units with each operand row replicated per thread, which spills at any useful tile size. fp16/bf16
+    ignore the setting; the interpreter multiplies in IEEE fp32 whatever it says.
+    """
+    return "tf32x3" if not INTERPRETED and dtype == torch.float32 else "ieee"
+
+
 def needs_bf16_rounding(out: torch.Tensor) -> bool:
     """Whether a kernel writing ``out`` runs interpreted with a bf16 output (see ``cast_for_store``)."""
-    return out.dtype == torch.bfloat16 and not out.is_cuda
+    return INTERPRETED and out.dtype == torch.bfloat16

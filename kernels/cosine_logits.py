@@ -34,13 +34,16 @@ import torch.nn.functional as F
 
 from ._utils import (
     HAS_TRITON,
+    INTERPRETED,
     cast_for_store,
     dot_in_input_dtype,
+    dot_precision,
     needs_bf16_rounding,
     next_pow2,
     no_zero_strides,
     tl,
     triton,
+    vector_aligned,
 )
 from .backend import use_triton
 
@@ -57,13 +60,13 @@ class ScoredLogits(NamedTuple):
 if HAS_TRITON:
 
     @triton.jit
-    def _l2_norm_kernel(norm_ptr, x_ptr, sx_r, sx_e, M, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    def _l2_norm_kernel(norm_ptr, x_ptr, sx_r, M, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < M
         ss = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, E, BLOCK_E):
             cols = start + tl.arange(0, BLOCK_E)
-            x = tl.load(x_ptr + rows[:, None] * sx_r + cols[None, :].to(tl.int64) * sx_e,
+            x = tl.load(x_ptr + (rows * sx_r)[:, None] + cols[None, :],
                         mask=row_ok[:, None] & (cols < E)[None, :], other=0.0).to(tl.float32)
             ss += tl.sum(x * x, axis=1)
         tl.store(norm_ptr + rows, tl.sqrt(ss), mask=row_ok)
@@ -72,11 +75,12 @@ if HAS_TRITON:
     def _cosine_logits_fwd_kernel(
         out_ptr, so_b, so_n,
         stats_ptr, idx_ptr,
-        img_ptr, si_b, si_e,
-        txt_ptr, st_n, st_e,
+        img_ptr, si_b,
+        txt_ptr, st_n,
         img_norm_ptr, txt_norm_ptr, logit_scale_ptr,
         B, N, E, eps,
-        WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, GROUP_B: tl.constexpr, RTNE_BF16: tl.constexpr,
+        WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr, GROUP_B: tl.constexpr,
+        RTNE_BF16: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         # 1-D grid, tiles ordered in groups of GROUP_B row blocks so neighbours share text tiles in L2
@@ -94,17 +98,17 @@ if HAS_TRITON:
         row_ok = rows < B
         col_ok = cols < N
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        img_rows = rows * si_b  # int64 per-row offsets (vectors); feature dims are unit-stride
+        txt_rows = cols * st_n
         for start in range(0, E, BLOCK_E):
             e = start + tl.arange(0, BLOCK_E)
             e_ok = e < E
-            a = tl.load(img_ptr + rows[:, None] * si_b + e[None, :].to(tl.int64) * si_e,
-                        mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            bt = tl.load(txt_ptr + cols[None, :] * st_n + e[:, None].to(tl.int64) * st_e,
-                         mask=col_ok[None, :] & e_ok[:, None], other=0.0)
+            a = tl.load(img_ptr + img_rows[:, None] + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+            bt = tl.load(txt_ptr + txt_rows[None, :] + e[:, None], mask=col_ok[None, :] & e_ok[:, None], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
-            acc += tl.dot(a, bt, input_precision="ieee")
+            acc += tl.dot(a, bt, input_precision=DOT)
 
         scale = tl.exp(tl.load(logit_scale_ptr).to(tl.float32))
         r_img = 1.0 / tl.maximum(tl.load(img_norm_ptr + rows, mask=row_ok, other=1.0), eps)
@@ -170,12 +174,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _cosine_logits_bwd_kernel(
-        dxh_ptr, sd_m, sd_e,
+        dxh_ptr, sd_m,
         g_ptr, sg_m, sg_n,
-        y_ptr, sy_n, sy_e,
+        y_ptr, sy_n,
         y_norm_ptr, logit_scale_ptr,
         M, N, E, eps,
-        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+        UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """d x_hat[m, :] = exp(logit_scale) * sum_n dlogits[m, n] * y[n, :] / |y[n]|   (fp32 out)."""
         pid_m = tl.program_id(0).to(tl.int64)
@@ -185,28 +189,27 @@ if HAS_TRITON:
         row_ok = rows < M
         e_ok = e < E
         acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+        g_rows = rows * sg_m
         for start in range(0, N, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
             n_ok = n < N
-            g = tl.load(g_ptr + rows[:, None] * sg_m + n[None, :].to(tl.int64) * sg_n,
-                        mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            y = tl.load(y_ptr + n[:, None].to(tl.int64) * sy_n + e[None, :] * sy_e,
-                        mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+            g = tl.load(g_ptr + g_rows[:, None] + (n * sg_n)[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            y = tl.load(y_ptr + (n * sy_n)[:, None] + e[None, :], mask=n_ok[:, None] & e_ok[None, :], other=0.0)
             r_y = 1.0 / tl.maximum(tl.load(y_norm_ptr + n, mask=n_ok, other=1.0), eps)
             y_hat = y.to(tl.float32) * r_y[:, None]
             if UPCAST:
-                acc += tl.dot(g.to(tl.float32), y_hat, input_precision="ieee")
+                acc += tl.dot(g.to(tl.float32), y_hat, input_precision=DOT)
             else:
                 acc += tl.dot(g, y_hat.to(g.dtype))
         acc = acc * tl.exp(tl.load(logit_scale_ptr).to(tl.float32))
-        tl.store(dxh_ptr + rows[:, None] * sd_m + e[None, :] * sd_e, acc, mask=row_ok[:, None] & e_ok[None, :])
+        tl.store(dxh_ptr + (rows * sd_m)[:, None] + e[None, :], acc, mask=row_ok[:, None] & e_ok[None, :])
 
     @triton.jit
     def _l2_normalize_bwd_kernel(
-        dx_ptr, sdx_r, sdx_e,
+        dx_ptr, sdx_r,
         rowdot_ptr,
-        dxh_ptr, sdh_r, sdh_e,
-        x_ptr, sx_r, sx_e,
+        dxh_ptr, sdh_r,
+        x_ptr, sx_r,
         norm_ptr, M, E, eps,
         RTNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
@@ -219,8 +222,8 @@ if HAS_TRITON:
         for start in range(0, E, BLOCK_E):
             e = start + tl.arange(0, BLOCK_E)
             mask = row_ok[:, None] & (e < E)[None, :]
-            dh = tl.load(dxh_ptr + rows[:, None] * sdh_r + e[None, :].to(tl.int64) * sdh_e, mask=mask, other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * sx_r + e[None, :].to(tl.int64) * sx_e, mask=mask, other=0.0)
+            dh = tl.load(dxh_ptr + (rows * sdh_r)[:, None] + e[None, :], mask=mask, other=0.0)
+            x = tl.load(x_ptr + (rows * sx_r)[:, None] + e[None, :], mask=mask, other=0.0)
             dot += tl.sum(dh * x.to(tl.float32), axis=1)
         dot = dot * r  # <dxh, x_hat>
         tl.store(rowdot_ptr + rows, dot, mask=row_ok)
@@ -228,11 +231,17 @@ if HAS_TRITON:
         for start in range(0, E, BLOCK_E):
             e = start + tl.arange(0, BLOCK_E)
             mask = row_ok[:, None] & (e < E)[None, :]
-            dh = tl.load(dxh_ptr + rows[:, None] * sdh_r + e[None, :].to(tl.int64) * sdh_e, mask=mask, other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * sx_r + e[None, :].to(tl.int64) * sx_e, mask=mask, other=0.0)
+            dh = tl.load(dxh_ptr + (rows * sdh_r)[:, None] + e[None, :], mask=mask, other=0.0)
+            x = tl.load(x_ptr + (rows * sx_r)[:, None] + e[None, :], mask=mask, other=0.0)
             dx = (dh - x.to(tl.float32) * (r * proj)[:, None]) * r[:, None]
-            tl.store(dx_ptr + rows[:, None] * sdx_r + e[None, :].to(tl.int64) * sdx_e,
+            tl.store(dx_ptr + (rows * sdx_r)[:, None] + e[None, :],
                      cast_for_store(dx, dx_ptr, RTNE_BF16), mask=mask)
+
+
+def _rowwise(t: torch.Tensor) -> torch.Tensor:
+    """Unit stride along the features (the kernels assume it) and no stride-0 dims; else a copy."""
+    t = no_zero_strides(t)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(image_features, text_features):
@@ -258,20 +267,29 @@ def cosine_logits_ref(image_features, text_features, logit_scale, with_entropy: 
 # host launchers
 
 
+def _row_block(E: int, *tensors) -> int:
+    """Feature columns per tile of the row-wise kernels; a quarter for unaligned (scalar) loads."""
+    return min(128 if vector_aligned(*tensors) else 32, next_pow2(E, 16))
+
+
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
     M, E = x.shape
     norm = torch.empty(M, dtype=torch.float32, device=x.device)
     block_r = 32
-    _l2_norm_kernel[(triton.cdiv(M, block_r),)](norm, x, x.stride(0), x.stride(1), M, E,
-                                                BLOCK_R=block_r, BLOCK_E=min(128, next_pow2(E, 16)))
+    _l2_norm_kernel[(triton.cdiv(M, block_r),)](norm, x, x.stride(0), M, E,
+                                                BLOCK_R=block_r, BLOCK_E=_row_block(E, x))
     return norm
 
 
-def _fwd_blocks(x: torch.Tensor):
-    if x.is_cuda:
-        return dict(BLOCK_B=128, BLOCK_N=128, BLOCK_E=32 if x.dtype == torch.float32 else 64, num_warps=8,
-                    num_stages=3)
-    return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32)  # interpreter: few, large programs
+def _fwd_blocks(img: torch.Tensor, txt: torch.Tensor) -> dict:
+    """Tiles of the logits kernel: fp32 (3xTF32) and unaligned inputs get half the fp16/bf16 tile."""
+    if INTERPRETED:
+        return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32)  # few, large programs
+    if not vector_aligned(img, txt):
+        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
+    if img.dtype == torch.float32 or txt.dtype != img.dtype:
+        return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_B=64, BLOCK_N=128, BLOCK_E=64, num_warps=8, num_stages=3)
 
 
 def _cosine_logits_fwd(img, txt, logit_scale, with_stats):
@@ -279,7 +297,8 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats):
     N = txt.shape[0]
     img_norm, txt_norm = _row_norms(img), _row_norms(txt)
     out = torch.empty((B, N), dtype=img.dtype, device=img.device)
-    cfg = _fwd_blocks(img)
+    cfg = _fwd_blocks(img, txt)
+    upcast = not dot_in_input_dtype(img) or img.dtype != txt.dtype
     n_tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
     if with_stats:
         stats = torch.empty((B, n_tiles_n, 3), dtype=torch.float32, device=img.device)
@@ -290,11 +309,11 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats):
     _cosine_logits_fwd_kernel[grid](
         out, out.stride(0), out.stride(1),
         stats, idx,
-        img, img.stride(0), img.stride(1),
-        txt, txt.stride(0), txt.stride(1),
+        img, img.stride(0),
+        txt, txt.stride(0),
         img_norm, txt_norm, logit_scale,
         B, N, E, NORM_EPS,
-        WITH_STATS=with_stats, UPCAST=not dot_in_input_dtype(img) or img.dtype != txt.dtype, GROUP_B=8,
+        WITH_STATS=with_stats, UPCAST=upcast, DOT=dot_precision(torch.float32 if upcast else img.dtype), GROUP_B=8,
         RTNE_BF16=needs_bf16_rounding(out), **cfg,
     )
     if not with_stats:
@@ -314,16 +333,19 @@ def _normalised_grad(dlogits_view, x, y, y_norm, logit_scale, sg_m, sg_n):
     M, E = x.shape
     N = y.shape[0]
     dxh = torch.empty((M, E), dtype=torch.float32, device=x.device)
-    bm, bn, be = (64, 32, 64) if not x.is_cuda else (64, 64, 64)
     upcast = not dot_in_input_dtype(dlogits_view) or dlogits_view.dtype != y.dtype
+    if INTERPRETED or vector_aligned(dlogits_view, y):
+        bm, bn, be = 64, 32, 64
+    else:
+        bm, bn, be = 32, 32, 32
     grid = (triton.cdiv(M, bm), triton.cdiv(E, be))
     _cosine_logits_bwd_kernel[grid](
-        dxh, dxh.stride(0), dxh.stride(1),
+        dxh, dxh.stride(0),
         dlogits_view, sg_m, sg_n,
-        y, y.stride(0), y.stride(1),
+        y, y.stride(0),
         y_norm, logit_scale,
         M, N, E, NORM_EPS,
-        UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be,
+        UPCAST=upcast, DOT=dot_precision(torch.float32), BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be,
     )
     return dxh
 
@@ -334,12 +356,12 @@ def _l2_normalize_bwd(dxh, x, norm):
     rowdot = torch.empty(M, dtype=torch.float32, device=x.device)
     block_r = 32
     _l2_normalize_bwd_kernel[(triton.cdiv(M, block_r),)](
-        dx, dx.stride(0), dx.stride(1),
+        dx, dx.stride(0),
         rowdot,
-        dxh, dxh.stride(0), dxh.stride(1),
-        x, x.stride(0), x.stride(1),
+        dxh, dxh.stride(0),
+        x, x.stride(0),
         norm, M, E, NORM_EPS,
-        RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r, BLOCK_E=min(128, next_pow2(E, 16)),
+        RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r, BLOCK_E=_row_block(E, dx, dxh, x),
     )
     return dx, rowdot
 
@@ -347,8 +369,7 @@ def _l2_normalize_bwd(dxh, x, norm):
 class CosineLogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, with_entropy):
-        img = no_zero_strides(image_features)
-        txt = no_zero_strides(text_features)
+        img, txt = _rowwise(image_features), _rowwise(text_features)
         out, img_norm, txt_norm, entropy, argmax = _cosine_logits_fwd(img, txt, logit_scale, with_entropy)
         ctx.save_for_backward(img, txt, img_norm, txt_norm, logit_scale)
         if not with_entropy:

@@ -11,21 +11,24 @@ Shapes: ``q, k, v`` (G, C, S, H, d); ``k_prefix, v_prefix`` (G, P, H, d); ``suff
 The prefix is read per group, never expanded over classes. Statistics in fp32; output in
 the dtype of ``q``.
 
-Triton path (fp16, bf16, fp32; any d, padded to a power of two with masks; any P >= 0):
+Triton path (fp16, bf16, fp32; head dims up to 128, padded to 64 or 128 with masks; any P >= 0):
 
 * forward: one program per (block of BLOCK_M flattened suffix rows (c, i), group, head).
-  It streams the group's prefix K/V in BLOCK_N chunks, then the suffix keys of the classes
-  its rows belong to (block-diagonal causal mask), with an online base-2 softmax in fp32;
-  it writes the output and the row log-sum-exp (fp32, for the backward).
-* backward, two kernels: (1) per query block: dq, and the prefix grads dk_prefix/dv_prefix,
-  accumulated over classes with fp32 ``tl.atomic_add`` into a (G, P, H, d) buffer (so their
-  summation order, and their last bits, are not deterministic); (2) per suffix-key block:
-  dk, dv of the suffix (no atomics: a key is only seen by queries of its own class).
+  It streams the group's prefix K/V in BLOCK_N chunks, then the suffix keys of the classes its
+  rows belong to (block-diagonal causal mask), with an online base-2 softmax in fp32 (one helper,
+  ``_online_softmax_update``); it writes the output and the row log-sum-exp (fp32, for the backward).
+* backward, three launches of two kernels: (1) per query block: delta = <dout, out> and dq;
+  (2) per suffix-key block: dk, dv of the suffix (no other program touches those keys); (3) per
+  prefix-key block and split of SPLIT_BLOCKS query blocks: an fp32 partial of dk_prefix/dv_prefix,
+  the partials then summed in a fixed order (deterministic; no atomics).
+* tiles, warps and fp32 dot precision per kernel, dtype, alignment and head dim (``_TILES``),
+  chosen with the static resource gate (``python -m promptcore.kernels.resources``); head dims
+  above 128 take the reference.
 * q/k/v may be strided views of a fused qkv projection: strides are passed as they are
   (the head dim must have stride 1, and expanded stride-0 views are copied).
 * on CUDA, fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation, probabilities
-  rounded to the input dtype before P @ V, as FlashAttention does); under the interpreter
-  and for fp32 every tile is upcast and multiplied in IEEE fp32.
+  rounded to the input dtype before P @ V, as FlashAttention does); compiled fp32 runs 3xTF32
+  or IEEE fp32 dots (see ``_config``); under the interpreter every tile is upcast to fp32.
 * ``k_prefix`` with a group dim of 1 is broadcast over groups (stride 0, not copied); its
   grads are then summed over groups too.
 """
@@ -41,15 +44,57 @@ from ._utils import (
     HAS_TRITON,
     cast_for_store,
     dot_in_input_dtype,
+    dot_precision,
     needs_bf16_rounding,
-    next_pow2,
     no_zero_strides,
     tl,
     triton,
+    vector_aligned,
 )
 from .backend import use_triton
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _load_rows(base, row_off, dcol, row_ok, d_ok, UPCAST: tl.constexpr):
+        """A (rows, BLOCK_D) tile: per-row int64 offsets (a vector) plus the unit-stride head dim."""
+        x = tl.load(base + row_off[:, None] + dcol[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _load_cols(base, col_off, dcol, col_ok, d_ok, UPCAST: tl.constexpr):
+        """The transposed (BLOCK_D, cols) tile, read so from memory: no in-register transpose before a dot."""
+        x = tl.load(base + col_off[None, :] + dcol[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _online_softmax_update(q, kt, vv, live, m_i, l_i, acc, qk_scale, DOT: tl.constexpr):
+        """Fold one block of keys into the running base-2 softmax state (max m_i, sum l_i, acc) of q's rows."""
+        s = tl.dot(q, kt, input_precision=DOT) * qk_scale
+        s = tl.where(live, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _softmax_grad(a, bt, x, yt, lse, delta, live, qk_scale, DOT: tl.constexpr):
+        """Probabilities p and score grads ds = p (dp - delta) over one block of (query, key) pairs.
+
+        Query-major: a = q, bt = k^T, x = dout, yt = v^T, lse/delta as (rows, 1). Key-major (the same
+        math transposed): a = k, bt = q^T, x = v, yt = dout^T, lse/delta as (1, rows).
+        """
+        s = tl.dot(a, bt, input_precision=DOT) * qk_scale
+        p = tl.where(live, tl.exp2(s - lse), 0.0)
+        dp = tl.dot(x, yt, input_precision=DOT)
+        return p, p * (dp - delta)
 
     @triton.jit
     def _prefix_attention_fwd_kernel(
@@ -62,25 +107,21 @@ if HAS_TRITON:
         vp_ptr, svp_g, svp_p, svp_h,
         lens_ptr,
         R, S, H, P, D, qk_scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+        UPCAST: tl.constexpr, DOT: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0).to(tl.int64)
         pid_gh = tl.program_id(1).to(tl.int64)
         g = pid_gh // H
         h = pid_gh % H
-        # R = C * S suffix rows per (group, head), flattened as c * S + i (int64 on the host when large)
+        # R = C * S suffix rows per (group, head), flattened as c * S + i; only (BLOCK_M,) vectors are int64
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < R
         c_q = rows // S
         i_q = rows % S
         dcol = tl.arange(0, BLOCK_D)
         d_ok = dcol < D
-
-        q_ptrs = q_ptr + g * sq_g + h * sq_h + c_q[:, None] * sq_c + i_q[:, None] * sq_s + dcol[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_rows(q_ptr + g * sq_g + h * sq_h, c_q * sq_c + i_q * sq_s, dcol, row_ok, d_ok, UPCAST)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -90,24 +131,11 @@ if HAS_TRITON:
         kp_base = kp_ptr + g * skp_g + h * skp_h
         vp_base = vp_ptr + g * svp_g + h * svp_h
         for start in range(0, P, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            n = start + tl.arange(0, BLOCK_N)  # int32: a prefix is short
             n_ok = n < P
-            kt = tl.load(kp_base + n[None, :].to(tl.int64) * skp_p + dcol[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vv = tl.load(vp_base + n[:, None].to(tl.int64) * svp_p + dcol[None, :],
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vv = vv.to(tl.float32)
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no live key yet
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-            m_i = m_new
+            kt = _load_cols(kp_base, n * skp_p, dcol, n_ok, d_ok, UPCAST)
+            vv = _load_rows(vp_base, n * svp_p, dcol, n_ok, d_ok, UPCAST)
+            m_i, l_i, acc = _online_softmax_update(q, kt, vv, n_ok[None, :], m_i, l_i, acc, qk_scale, DOT)
 
         # 2) the suffix keys of the classes in this block: same class, key position <= query position
         lo = (pid_m * BLOCK_M // S) * S
@@ -115,42 +143,25 @@ if HAS_TRITON:
         k_base = k_ptr + g * sk_g + h * sk_h
         v_base = v_ptr + g * sv_g + h * sv_h
         for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
             n_ok = n < R
             c_k = n // S
             i_k = n % S
-            kt = tl.load(k_base + c_k[None, :] * sk_c + i_k[None, :] * sk_s + dcol[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vv = tl.load(v_base + c_k[:, None] * sv_c + i_k[:, None] * sv_s + dcol[None, :],
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vv = vv.to(tl.float32)
+            kt = _load_cols(k_base, c_k * sk_c + i_k * sk_s, dcol, n_ok, d_ok, UPCAST)
+            vv = _load_rows(v_base, c_k * sv_c + i_k * sv_s, dcol, n_ok, d_ok, UPCAST)
             live = (c_k[None, :] == c_q[:, None]) & (n[None, :] <= rows[:, None]) & n_ok[None, :]
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-            s = tl.where(live, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_update(q, kt, vv, live, m_i, l_i, acc, qk_scale, DOT)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past R, which are never stored
-        out = acc / l_safe[:, None]
-        if HAS_LENS:
-            n_live = tl.load(lens_ptr + c_q, mask=row_ok, other=0)
-            out = tl.where((i_q < n_live)[:, None], out, 0.0)
-        o_ptrs = out_ptr + g * so_g + h * so_h + c_q[:, None] * so_c + i_q[:, None] * so_s + dcol[None, :]
+        n_live = tl.load(lens_ptr + c_q, mask=row_ok, other=0)
+        out = tl.where((i_q < n_live)[:, None], acc / l_safe[:, None], 0.0)
+        o_ptrs = out_ptr + g * so_g + h * so_h + (c_q * so_c + i_q * so_s)[:, None] + dcol[None, :]
         tl.store(o_ptrs, cast_for_store(out, out_ptr, RTNE_BF16), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + pid_gh * R + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
     @triton.jit
-    def _prefix_attention_bwd_kernel(
+    def _prefix_attention_bwd_dq_kernel(
         dq_ptr, sdq_g, sdq_c, sdq_s, sdq_h,
-        dkp_ptr, sdkp_g, sdkp_p, sdkp_h,
-        dvp_ptr, sdvp_g, sdvp_p, sdvp_h,
         delta_ptr,
         q_ptr, sq_g, sq_c, sq_s, sq_h,
         k_ptr, sk_g, sk_c, sk_s, sk_h,
@@ -161,158 +172,138 @@ if HAS_TRITON:
         do_ptr, sdo_g, sdo_c, sdo_s, sdo_h,
         lse_ptr, lens_ptr,
         R, S, H, P, D, qk_scale, scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+        UPCAST: tl.constexpr, DOT: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Per query block: dq over all its keys, and the prefix grads (atomically, fp32)."""
+        """Per query block: delta = <dout, out> per row, and dq over the prefix and own-class suffix keys."""
         pid_m = tl.program_id(0).to(tl.int64)
         pid_gh = tl.program_id(1).to(tl.int64)
         g = pid_gh // H
         h = pid_gh % H
-
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < R
         c_q = rows // S
         i_q = rows % S
         dcol = tl.arange(0, BLOCK_D)
         d_ok = dcol < D
-        qmask = row_ok[:, None] & d_ok[None, :]
-
-        q = tl.load(q_ptr + g * sq_g + h * sq_h + c_q[:, None] * sq_c + i_q[:, None] * sq_s + dcol[None, :],
-                    mask=qmask, other=0.0)
-        o = tl.load(o_ptr + g * so_g + h * so_h + c_q[:, None] * so_c + i_q[:, None] * so_s + dcol[None, :],
-                    mask=qmask, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + g * sdo_g + h * sdo_h + c_q[:, None] * sdo_c + i_q[:, None] * sdo_s + dcol[None, :],
-                     mask=qmask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        if HAS_LENS:  # dead rows were multiplied by zero: no gradient flows through them
-            n_live = tl.load(lens_ptr + c_q, mask=row_ok, other=0)
-            do = tl.where((i_q < n_live)[:, None], do, 0.0).to(do.dtype)
-        delta = tl.sum(do.to(tl.float32) * o, axis=1)
+        # dead rows (past the suffix length) were multiplied by zero: no gradient flows through them
+        row_live = row_ok & (i_q < tl.load(lens_ptr + c_q, mask=row_ok, other=0))
+        q = _load_rows(q_ptr + g * sq_g + h * sq_h, c_q * sq_c + i_q * sq_s, dcol, row_ok, d_ok, UPCAST)
+        do = _load_rows(do_ptr + g * sdo_g + h * sdo_h, c_q * sdo_c + i_q * sdo_s, dcol, row_live, d_ok, UPCAST)
+        o = _load_rows(o_ptr + g * so_g + h * so_h, c_q * so_c + i_q * so_s, dcol, row_live, d_ok, UPCAST)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
         tl.store(delta_ptr + pid_gh * R + rows, delta, mask=row_ok)
         lse = tl.load(lse_ptr + pid_gh * R + rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         kp_base = kp_ptr + g * skp_g + h * skp_h
         vp_base = vp_ptr + g * svp_g + h * svp_h
-        dkp_base = dkp_ptr + g * sdkp_g + h * sdkp_h
-        dvp_base = dvp_ptr + g * sdvp_g + h * sdvp_h
         for start in range(0, P, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            n = start + tl.arange(0, BLOCK_N)  # int32: a prefix is short
             n_ok = n < P
-            kmask = n_ok[:, None] & d_ok[None, :]
-            kk = tl.load(kp_base + n[:, None].to(tl.int64) * skp_p + dcol[None, :], mask=kmask, other=0.0)
-            vv = tl.load(vp_base + n[:, None].to(tl.int64) * svp_p + dcol[None, :], mask=kmask, other=0.0)
-            if UPCAST:
-                kk = kk.to(tl.float32)
-                vv = vv.to(tl.float32)
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee") * qk_scale
-            p = tl.where(n_ok[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kk.dtype), kk, input_precision="ieee")
-            dvp = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dkp = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee") * scale
-            tl.atomic_add(dvp_base + n[:, None].to(tl.int64) * sdvp_p + dcol[None, :], dvp, mask=kmask)
-            tl.atomic_add(dkp_base + n[:, None].to(tl.int64) * sdkp_p + dcol[None, :], dkp, mask=kmask)
+            kk = _load_rows(kp_base, n * skp_p, dcol, n_ok, d_ok, UPCAST)
+            kt = _load_cols(kp_base, n * skp_p, dcol, n_ok, d_ok, UPCAST)
+            vt = _load_cols(vp_base, n * svp_p, dcol, n_ok, d_ok, UPCAST)
+            live = n_ok[None, :] & row_ok[:, None]
+            p, ds = _softmax_grad(q, kt, do, vt, lse[:, None], delta[:, None], live, qk_scale, DOT)
+            dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT)
 
         lo = (pid_m * BLOCK_M // S) * S
         hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, R)
         k_base = k_ptr + g * sk_g + h * sk_h
         v_base = v_ptr + g * sv_g + h * sv_h
         for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
             n_ok = n < R
             c_k = n // S
             i_k = n % S
-            kmask = n_ok[:, None] & d_ok[None, :]
-            kk = tl.load(k_base + c_k[:, None] * sk_c + i_k[:, None] * sk_s + dcol[None, :], mask=kmask, other=0.0)
-            vv = tl.load(v_base + c_k[:, None] * sv_c + i_k[:, None] * sv_s + dcol[None, :], mask=kmask, other=0.0)
-            if UPCAST:
-                kk = kk.to(tl.float32)
-                vv = vv.to(tl.float32)
+            kk = _load_rows(k_base, c_k * sk_c + i_k * sk_s, dcol, n_ok, d_ok, UPCAST)
+            kt = _load_cols(k_base, c_k * sk_c + i_k * sk_s, dcol, n_ok, d_ok, UPCAST)
+            vt = _load_cols(v_base, c_k * sv_c + i_k * sv_s, dcol, n_ok, d_ok, UPCAST)
             live = (c_k[None, :] == c_q[:, None]) & (n[None, :] <= rows[:, None]) & n_ok[None, :] & row_ok[:, None]
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee") * qk_scale
-            p = tl.where(live, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kk.dtype), kk, input_precision="ieee")
+            p, ds = _softmax_grad(q, kt, do, vt, lse[:, None], delta[:, None], live, qk_scale, DOT)
+            dq += tl.dot(ds.to(kk.dtype), kk, input_precision=DOT)
 
         dq = dq * scale
-        tl.store(dq_ptr + g * sdq_g + h * sdq_h + c_q[:, None] * sdq_c + i_q[:, None] * sdq_s + dcol[None, :],
-                 cast_for_store(dq, dq_ptr, RTNE_BF16), mask=qmask)
+        tl.store(dq_ptr + g * sdq_g + h * sdq_h + (c_q * sdq_c + i_q * sdq_s)[:, None] + dcol[None, :],
+                 cast_for_store(dq, dq_ptr, RTNE_BF16), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _prefix_attention_bwd_dkdv_kernel(
-        dk_ptr, sdk_g, sdk_c, sdk_s, sdk_h,
-        dv_ptr, sdv_g, sdv_c, sdv_s, sdv_h,
+        dk_ptr, sdk_s, sdk_c, sdk_g, sdk_n, sdk_h,
+        dv_ptr, sdv_s, sdv_c, sdv_g, sdv_n, sdv_h,
         q_ptr, sq_g, sq_c, sq_s, sq_h,
         k_ptr, sk_g, sk_c, sk_s, sk_h,
         v_ptr, sv_g, sv_c, sv_s, sv_h,
         do_ptr, sdo_g, sdo_c, sdo_s, sdo_h,
         lse_ptr, delta_ptr, lens_ptr,
-        R, S, H, D, qk_scale, scale,
-        HAS_LENS: tl.constexpr, UPCAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+        R, S, H, NK, D, ROWS_PER_SPLIT, qk_scale, scale,
+        PREFIX_KEYS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr, RTNE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Per suffix-key block: dk, dv from the queries of the same class at or after each key."""
+        """Per key block: dk, dv from the queries that see those keys.
+
+        Suffix keys (``PREFIX_KEYS`` off; ``k`` strides are (g, c, s, h), NK = R): the queries of the
+        same class at or after each key; no other program touches these keys. Prefix keys (``k`` is the
+        (g, p, h) prefix: sk_c = 0, sk_s its position stride, NK = P): every query row of split
+        ``program_id(2)`` (ROWS_PER_SPLIT rows); each split writes its own fp32 partial (dk strides
+        lead with the split), summed afterwards in a fixed order: deterministic, no atomics.
+        """
         pid_n = tl.program_id(0).to(tl.int64)
         pid_gh = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2).to(tl.int64)
         g = pid_gh // H
         h = pid_gh % H
-
         keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < R
-        c_k = keys // S
-        i_k = keys % S
+        key_ok = keys < NK
+        if PREFIX_KEYS:
+            c_k = keys * 0
+            i_k = keys
+            lo = split * ROWS_PER_SPLIT
+            hi = tl.minimum(lo + ROWS_PER_SPLIT, R)
+        else:
+            c_k = keys // S
+            i_k = keys % S
+            lo = pid_n * BLOCK_N
+            hi = tl.minimum((tl.minimum(lo + BLOCK_N, R) - 1) // S * S + S, R)  # end of the block's last class
         dcol = tl.arange(0, BLOCK_D)
         d_ok = dcol < D
-        kmask = key_ok[:, None] & d_ok[None, :]
-        kk = tl.load(k_ptr + g * sk_g + h * sk_h + c_k[:, None] * sk_c + i_k[:, None] * sk_s + dcol[None, :],
-                     mask=kmask, other=0.0)
-        vv = tl.load(v_ptr + g * sv_g + h * sv_h + c_k[:, None] * sv_c + i_k[:, None] * sv_s + dcol[None, :],
-                     mask=kmask, other=0.0)
-        if UPCAST:
-            kk = kk.to(tl.float32)
-            vv = vv.to(tl.float32)
+        kk = _load_rows(k_ptr + g * sk_g + h * sk_h, c_k * sk_c + i_k * sk_s, dcol, key_ok, d_ok, UPCAST)
+        vv = _load_rows(v_ptr + g * sv_g + h * sv_h, c_k * sv_c + i_k * sv_s, dcol, key_ok, d_ok, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-        lo = pid_n * BLOCK_N
-        last_key = tl.minimum(lo + BLOCK_N, R) - 1
-        hi = tl.minimum((last_key // S + 1) * S, R)  # end of the last class seen by this block
         q_base = q_ptr + g * sq_g + h * sq_h
         do_base = do_ptr + g * sdo_g + h * sdo_h
         for start in range(lo, hi, BLOCK_M):
-            m = start + tl.arange(0, BLOCK_M)
-            m_ok = m < R
+            m = (start + tl.arange(0, BLOCK_M)).to(tl.int64)  # the loop counter may be int32; offsets are not
+            m_ok = m < hi
             c_q = m // S
             i_q = m % S
-            qmask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + c_q[:, None] * sq_c + i_q[:, None] * sq_s + dcol[None, :], mask=qmask, other=0.0)
-            do = tl.load(do_base + c_q[:, None] * sdo_c + i_q[:, None] * sdo_s + dcol[None, :], mask=qmask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            if HAS_LENS:
-                n_live = tl.load(lens_ptr + c_q, mask=m_ok, other=0)
-                do = tl.where((i_q < n_live)[:, None], do, 0.0).to(do.dtype)
+            m_live = m_ok & (i_q < tl.load(lens_ptr + c_q, mask=m_ok, other=0))
+            q_off = c_q * sq_c + i_q * sq_s
+            do_off = c_q * sdo_c + i_q * sdo_s
+            q = _load_rows(q_base, q_off, dcol, m_ok, d_ok, UPCAST)
+            qt = _load_cols(q_base, q_off, dcol, m_ok, d_ok, UPCAST)
+            do = _load_rows(do_base, do_off, dcol, m_live, d_ok, UPCAST)
+            dot_ = _load_cols(do_base, do_off, dcol, m_live, d_ok, UPCAST)
             lse = tl.load(lse_ptr + pid_gh * R + m, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + pid_gh * R + m, mask=m_ok, other=0.0)
-            live = (c_q[None, :] == c_k[:, None]) & (m[None, :] >= keys[:, None]) & m_ok[None, :] & key_ok[:, None]
-            st = tl.dot(kk, tl.trans(q), input_precision="ieee") * qk_scale  # (keys, queries)
-            pt = tl.where(live, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-            dpt = tl.dot(vv, tl.trans(do), input_precision="ieee")
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+            if PREFIX_KEYS:
+                live = key_ok[:, None] & m_ok[None, :]
+            else:
+                live = (c_k[:, None] == c_q[None, :]) & (keys[:, None] <= m[None, :]) & key_ok[:, None] & m_ok[None, :]
+            # key-major (keys, queries) tiles: p^T and ds^T come out ready for dv += p^T do, dk += ds^T q
+            pt, dst = _softmax_grad(kk, qt, vv, dot_, lse[None, :], delta[None, :], live, qk_scale, DOT)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT)
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT)
 
-        dk = dk * scale
-        tl.store(dk_ptr + g * sdk_g + h * sdk_h + c_k[:, None] * sdk_c + i_k[:, None] * sdk_s + dcol[None, :],
-                 cast_for_store(dk, dk_ptr, RTNE_BF16), mask=kmask)
-        tl.store(dv_ptr + g * sdv_g + h * sdv_h + c_k[:, None] * sdv_c + i_k[:, None] * sdv_s + dcol[None, :],
+        kmask = key_ok[:, None] & d_ok[None, :]
+        dk_base = dk_ptr + split * sdk_s + g * sdk_g + h * sdk_h
+        dv_base = dv_ptr + split * sdv_s + g * sdv_g + h * sdv_h
+        tl.store(dk_base + (c_k * sdk_c + i_k * sdk_n)[:, None] + dcol[None, :],
+                 cast_for_store(dk * scale, dk_ptr, RTNE_BF16), mask=kmask)
+        tl.store(dv_base + (c_k * sdv_c + i_k * sdv_n)[:, None] + dcol[None, :],
                  cast_for_store(dv, dv_ptr, RTNE_BF16), mask=kmask)
 
 
@@ -362,6 +353,9 @@ def prefix_attention_ref(
 # ----------------------------------------------------------------------------------------------
 # host launchers
 
+SUPPORTED_HEAD_DIMS = (64, 128)  # head dims up to 64 run in 64-wide tiles, up to 128 in 128-wide ones
+SPLIT_BLOCKS = 16  # query blocks per partial of the prefix grads (the second stage sums the partials)
+
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     """Keep strided views (fused qkv) as they are; copy only stride-0 or non-unit-stride head dims."""
@@ -369,10 +363,40 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _blocks(d: int):
-    block_d = next_pow2(d, 16)
-    block_m = 64 if block_d <= 128 else 32
-    return block_m, 32, block_d
+# (kernel, fp32, vector-aligned inputs, head dim <= 64) -> (BLOCK_M query rows, BLOCK_N keys, warps), chosen
+# with the resource gate (python -m promptcore.kernels.resources) to keep registers from spilling on sm_80 and
+# sm_90. fp32 tiles hold twice the bytes of fp16/bf16 ones; unaligned inputs load element by element (a
+# 64-bit address each), so they get small tiles over 8 warps; the backward kernels keep more tiles live.
+_TILES = {
+    ("fwd", False, True, True): (64, 32, 4), ("fwd", False, True, False): (64, 16, 4),
+    ("fwd", False, False, True): (32, 32, 8), ("fwd", False, False, False): (16, 16, 8),
+    ("fwd", True, True, True): (32, 32, 4), ("fwd", True, True, False): (16, 16, 4),
+    ("fwd", True, False, True): (16, 16, 4), ("fwd", True, False, False): (16, 16, 8),
+    ("dq", False, True, True): (64, 16, 4), ("dq", False, True, False): (64, 32, 4),
+    ("dq", False, False, True): (32, 32, 8), ("dq", False, False, False): (16, 16, 8),
+    ("dkdv", False, True, True): (32, 32, 4), ("dkdv", False, True, False): (32, 32, 4),
+    ("dkdv", False, False, True): (16, 32, 8), ("dkdv", False, False, False): (16, 16, 8),
+    ("dkdv_prefix", False, True, True): (32, 32, 4), ("dkdv_prefix", False, True, False): (32, 32, 4),
+    ("dkdv_prefix", False, False, True): (16, 32, 8), ("dkdv_prefix", False, False, False): (16, 16, 8),
+}
+# fp32 backward: 16 x 16 tiles. IEEE fp32 dots (FMA units) fit 4 warps without spilling at head dim <= 64
+# (and cost less than 3xTF32, whose hi/lo operand splits double the live tiles), except for the aligned
+# prefix keys; at head dim 128 only 3xTF32 over 8 warps comes close (see the README's resource table)
+_IEEE_FP32 = {("dq", True, True), ("dq", False, True), ("dkdv", True, True), ("dkdv", False, True),
+              ("dkdv_prefix", False, True)}  # (kernel, aligned, head dim <= 64)
+for kernel in ("dq", "dkdv", "dkdv_prefix"):
+    for aligned in (True, False):
+        for small in (True, False):
+            _TILES[(kernel, True, aligned, small)] = (16, 16, 4 if (kernel, aligned, small) in _IEEE_FP32 else 8)
+
+
+def _config(kernel: str, d: int, dtype: torch.dtype, aligned: bool) -> dict:
+    """Tiles, warps, stages and fp32 dot precision of ``kernel`` ("fwd", "dq", "dkdv" or "dkdv_prefix")."""
+    fp32 = dtype == torch.float32
+    block_m, block_n, warps = _TILES[(kernel, fp32, aligned, d <= 64)]
+    dot = "ieee" if fp32 and (kernel, aligned, d <= 64) in _IEEE_FP32 else dot_precision(dtype)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64 if d <= 64 else 128, num_warps=warps,
+                num_stages=1 if fp32 else 2, DOT=dot)
 
 
 def _prefix_strides(t: torch.Tensor, groups: int):
@@ -387,8 +411,8 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
     R = C * S
     out = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = _blocks(d)
-    grid = (triton.cdiv(R, block_m), G * H)
+    cfg = _config("fwd", d, q.dtype, vector_aligned(out, q, k, v, k_prefix, v_prefix))
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]), G * H)
     _prefix_attention_fwd_kernel[grid](
         out, *out.stride()[:4],
         lse,
@@ -397,32 +421,25 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
         v, *v.stride()[:4],
         k_prefix, *_prefix_strides(k_prefix, G),
         v_prefix, *_prefix_strides(v_prefix, G),
-        lens if lens is not None else lse,
+        lens,
         R, S, H, P, d, scale * math.log2(math.e),
-        HAS_LENS=lens is not None, UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out), **cfg,
     )
     return out, lse
 
 
 def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, scale, need_dkdv=True):
     G, C, S, H, d = q.shape
-    P = k_prefix.shape[1]
+    Gp, P = k_prefix.shape[:2]
     R = C * S
-    dq = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((G, C, S, H, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((G, C, S, H, d), dtype=v.dtype, device=q.device)
-    # fp32 accumulators of the prefix grads (atomics); shaped like the prefix itself (G or 1 groups)
-    dkp = torch.zeros(k_prefix.shape, dtype=torch.float32, device=q.device)
-    dvp = torch.zeros(v_prefix.shape, dtype=torch.float32, device=q.device)
-    delta = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
-    block_m, block_n, block_d = _blocks(d)
-    lens_arg = lens if lens is not None else lse
+    aligned = vector_aligned(dout, q, k, v, k_prefix, v_prefix, out)
+    cfg = _config("dq", d, q.dtype, aligned)
     upcast = not dot_in_input_dtype(q)
-    _prefix_attention_bwd_kernel[(triton.cdiv(R, block_m), G * H)](
+    qk_scale = scale * math.log2(math.e)
+    dq = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
+    delta = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(R, cfg["BLOCK_M"]), G * H)](
         dq, *dq.stride()[:4],
-        dkp, *_prefix_strides(dkp, G),
-        dvp, *_prefix_strides(dvp, G),
         delta,
         q, *q.stride()[:4],
         k, *k.stride()[:4],
@@ -431,26 +448,51 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         v_prefix, *_prefix_strides(v_prefix, G),
         out, *out.stride()[:4],
         dout, *dout.stride()[:4],
-        lse, lens_arg,
-        R, S, H, P, d, scale * math.log2(math.e), scale,
-        HAS_LENS=lens is not None, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        lse, lens,
+        R, S, H, P, d, qk_scale, scale,
+        UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq), **cfg,
     )
+    kv_cfg = _config("dkdv", d, q.dtype, aligned)  # walks query blocks (BLOCK_M) per key block (BLOCK_N)
+    dk = dv = None
     if need_dkdv:
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(R, block_n), G * H)](
-            dk, *dk.stride()[:4],
-            dv, *dv.stride()[:4],
+        dk = torch.empty((G, C, S, H, d), dtype=k.dtype, device=q.device)
+        dv = torch.empty((G, C, S, H, d), dtype=v.dtype, device=q.device)
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(R, kv_cfg["BLOCK_N"]), G * H, 1)](
+            dk, 0, dk.stride(1), dk.stride(0), dk.stride(2), dk.stride(3),
+            dv, 0, dv.stride(1), dv.stride(0), dv.stride(2), dv.stride(3),
             q, *q.stride()[:4],
             k, *k.stride()[:4],
             v, *v.stride()[:4],
             dout, *dout.stride()[:4],
-            lse, delta, lens_arg,
-            R, S, H, d, scale * math.log2(math.e), scale,
-            HAS_LENS=lens is not None, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk),
-            BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d,
+            lse, delta, lens,
+            R, S, H, R, d, R, qk_scale, scale,
+            PREFIX_KEYS=False, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
         )
-    else:
-        dk = dv = None
+    # prefix grads, stage 1: one fp32 partial per (split of query rows, group); stage 2: a fixed-order sum
+    dkp = torch.zeros(k_prefix.shape, dtype=torch.float32, device=q.device)
+    dvp = torch.zeros(v_prefix.shape, dtype=torch.float32, device=q.device)
+    if P > 0:
+        kp_cfg = _config("dkdv_prefix", d, q.dtype, aligned)
+        rows_per_split = SPLIT_BLOCKS * kp_cfg["BLOCK_M"]
+        splits = triton.cdiv(R, rows_per_split)
+        dkp_part = torch.empty((splits, G, P, H, d), dtype=torch.float32, device=q.device)
+        dvp_part = torch.empty_like(dkp_part)
+        kp_sg, kp_sp, kp_sh = _prefix_strides(k_prefix, G)
+        vp_sg, vp_sp, vp_sh = _prefix_strides(v_prefix, G)
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(P, kp_cfg["BLOCK_N"]), G * H, splits)](
+            dkp_part, dkp_part.stride(0), 0, dkp_part.stride(1), dkp_part.stride(2), dkp_part.stride(3),
+            dvp_part, dvp_part.stride(0), 0, dvp_part.stride(1), dvp_part.stride(2), dvp_part.stride(3),
+            q, *q.stride()[:4],
+            k_prefix, kp_sg, 0, kp_sp, kp_sh,
+            v_prefix, vp_sg, 0, vp_sp, vp_sh,
+            dout, *dout.stride()[:4],
+            lse, delta, lens,
+            R, S, H, P, d, rows_per_split, qk_scale, scale,
+            PREFIX_KEYS=True, UPCAST=upcast, RTNE_BF16=False, **kp_cfg,
+        )
+        dims = (0,) if Gp == G else (0, 1)  # a prefix broadcast over groups gets the sum over groups too
+        dkp = dkp_part.sum(dims).reshape(k_prefix.shape)
+        dvp = dvp_part.sum(dims).reshape(v_prefix.shape)
     return dq, dk, dv, dkp.to(k_prefix.dtype), dvp.to(v_prefix.dtype)
 
 
@@ -485,20 +527,23 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Suffix queries over [group prefix K/V ; own causal suffix K/V]; returns (G, C, S, H, d).
 
-    Runs the fused Triton kernels when :func:`use_triton` says so (mixed input dtypes and empty
-    tensors always take the reference), the PyTorch reference otherwise.
+    Runs the fused Triton kernels when :func:`use_triton` says so; mixed input dtypes, empty tensors
+    and head dims above 128 take the PyTorch reference.
     """
     tensors = (q, k, v, k_prefix, v_prefix)
     same_dtype = all(t.dtype == q.dtype for t in tensors)
-    if not (use_triton(*tensors) and same_dtype and q.numel() > 0):
+    small_head = q.dim() == 5 and q.shape[-1] <= SUPPORTED_HEAD_DIMS[-1]
+    if not (use_triton(*tensors) and same_dtype and small_head and q.numel() > 0):
         return prefix_attention_ref(q, k, v, k_prefix, v_prefix, suffix_lens, scale)
     _check(q, k, v, k_prefix, v_prefix)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    lens = None
-    if suffix_lens is not None:
+    C, S = q.shape[1], q.shape[2]
+    if suffix_lens is None:  # every row live: one kernel variant serves both cases
+        lens = torch.full((C,), S, dtype=torch.int32, device=q.device)
+    else:
         if suffix_lens.numel() == 1:  # broadcasts over classes, as in the reference
-            suffix_lens = suffix_lens.reshape(1).expand(q.shape[1])
-        if suffix_lens.shape != (q.shape[1],):
-            raise ValueError(f"suffix_lens must be (C,) = ({q.shape[1]},), got {tuple(suffix_lens.shape)}")
+            suffix_lens = suffix_lens.reshape(1).expand(C)
+        if suffix_lens.shape != (C,):
+            raise ValueError(f"suffix_lens must be (C,) = ({C},), got {tuple(suffix_lens.shape)}")
         lens = suffix_lens.to(device=q.device, dtype=torch.int32).contiguous()
     return PrefixAttentionFunction.apply(q, k, v, k_prefix, v_prefix, lens, scale)

@@ -16,10 +16,11 @@ learned context over fp16 CLIP embeddings):
   looping over D: each row reads either its token embedding or its context row (+ bias) and
   its position, sums in fp32, rounds once at the store. Token embeddings are only read for
   token rows, context rows only for context slots (masked loads).
-* ``_assemble_prompts_bwd_kernel``: the context gradient of every row (summed over groups in
-  registers for shared/class context) is added into an fp32 buffer with ``tl.atomic_add``
-  (several classes share a context row), the bias gradient per (group, block) likewise; so
-  their summation order is not deterministic.
+* ``_assemble_prompts_bwd_kernel``: stage 1 of the context/bias gradients: the output grad of
+  every context position, summed over groups in registers where groups share context and have
+  no bias, is stored to an fp32 (groups, C, K, D) partial (one writer per (class, slot), no
+  atomics); stage 2 sums the partials over classes and/or groups in a fixed order, so the
+  results are deterministic.
 * grads of ``token_embeds`` and ``pos`` (rarely wanted: they are frozen CLIP weights) are
   plain torch reductions of the output grad, computed only when asked for.
 * slots >= K (no such context row) read a zero context row here; the reference raises.
@@ -31,7 +32,16 @@ from typing import Optional
 
 import torch
 
-from ._utils import HAS_TRITON, cast_for_store, needs_bf16_rounding, next_pow2, no_zero_strides, tl, triton
+from ._utils import (
+    HAS_TRITON,
+    cast_for_store,
+    needs_bf16_rounding,
+    next_pow2,
+    no_zero_strides,
+    tl,
+    triton,
+    vector_aligned,
+)
 from .backend import use_triton
 
 CTX_LAYOUTS = ("shared", "class", "group")
@@ -81,14 +91,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _assemble_prompts_bwd_kernel(
-        dctx_ptr, sdx_g, sdx_c, sdx_k,
-        dbias_ptr, sdb_g,
+        part_ptr, sp_g, sp_c, sp_k,
         dout_ptr, sdo_g, sdo_c, sdo_s,
         slots_ptr, ssl_c, ssl_s,
         R, S, D, K, GROUPS_PER_PROGRAM,
-        HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """fp32 atomics: dctx[row of slot] += sum_g dout[g, c, s]; dbias[g] += sum over ctx rows of dout[g]."""
+        """Stage 1 of the context grads: part[g, c, slot] = sum over this program's groups of dout[g, c, s].
+
+        Each (class, slot) pair is one prompt position, so every partial row has exactly one writer:
+        plain stores, no atomics. The launcher sums the partials over classes/groups in a fixed order.
+        """
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         g0 = tl.program_id(1).to(tl.int64) * GROUPS_PER_PROGRAM
         row_ok = rows < R
@@ -96,22 +109,16 @@ if HAS_TRITON:
         s = rows % S
         slot = tl.load(slots_ptr + c * ssl_c + s * ssl_s, mask=row_ok, other=-1).to(tl.int64)
         is_ctx = row_ok & (slot >= 0) & (slot < K)
-        # for "group" ctx one program per group (GROUPS_PER_PROGRAM = 1, sdx_g = its stride), else
-        # one program sums every group in registers (sdx_g = 0)
-        dctx_row = dctx_ptr + g0 * sdx_g + c * sdx_c + slot * sdx_k
+        part_row = part_ptr + tl.program_id(1).to(tl.int64) * sp_g + c * sp_c + slot * sp_k
+        dout_row = dout_ptr + c * sdo_c + s * sdo_s
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            d_ok = cols < D
-            mask = is_ctx[:, None] & d_ok[None, :]
+            mask = is_ctx[:, None] & (cols < D)[None, :]
             acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
             for gi in range(0, GROUPS_PER_PROGRAM):
-                g = g0 + gi
-                dy = tl.load(dout_ptr + g * sdo_g + c[:, None] * sdo_c + s[:, None] * sdo_s + cols[None, :],
-                             mask=mask, other=0.0).to(tl.float32)
-                acc += dy
-                if HAS_BIAS:
-                    tl.atomic_add(dbias_ptr + g * sdb_g + cols, tl.sum(dy, axis=0), mask=d_ok)
-            tl.atomic_add(dctx_row[:, None] + cols[None, :], acc, mask=mask)
+                acc += tl.load(dout_row[:, None] + (g0 + gi) * sdo_g + cols[None, :], mask=mask,
+                               other=0.0).to(tl.float32)
+            tl.store(part_row[:, None] + cols[None, :], acc, mask=mask)
 
 
 def _check(token_embeds, slots, pos, ctx, bias, ctx_layout):
@@ -195,8 +202,10 @@ def _ctx_strides(t, ctx_layout):
     return t.stride(0), 0, t.stride(1)
 
 
-def _blocks(D: int):
-    return 32, min(128, next_pow2(D, 16))
+def _blocks(D: int, *tensors) -> tuple:
+    """(rows, columns) per tile: unaligned inputs load element by element, a 64-bit address each,
+    so their tiles are a quarter of the size (the resource gate checks neither spills)."""
+    return 32, min(128 if vector_aligned(*tensors) else 32, next_pow2(D, 16))
 
 
 def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
@@ -206,7 +215,7 @@ def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
     out = torch.empty((G, C, S, D), dtype=token_embeds.dtype, device=token_embeds.device)
     has_ctx = ctx is not None
     has_bias = has_ctx and bias is not None
-    block_r, block_d = _blocks(D)
+    block_r, block_d = _blocks(D, out, token_embeds, pos, ctx, bias)
     _assemble_prompts_fwd_kernel[(triton.cdiv(R, block_r), G)](
         out, out.stride(0), out.stride(1), out.stride(2),
         token_embeds, token_embeds.stride(0), token_embeds.stride(1),
@@ -223,19 +232,23 @@ def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
 def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
     G, C, S, D = dout.shape
     R = C * S
-    dctx = torch.zeros(ctx.shape, dtype=torch.float32, device=dout.device)
-    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=dout.device) if bias is not None else dctx
-    per_group = ctx_layout == "group"
-    sdx_g, sdx_c, sdx_k = _ctx_strides(dctx, ctx_layout)
-    block_r, block_d = _blocks(D)
+    K = ctx.shape[-2]
+    # stage 1: per-(group, class, slot) partials; groups stay apart when they have their own context
+    # or bias, otherwise one program sums every group in registers
+    per_group = ctx_layout == "group" or bias is not None
+    part = torch.zeros((G if per_group else 1, C, K, D), dtype=torch.float32, device=dout.device)
+    block_r, block_d = _blocks(D, part, dout)
     _assemble_prompts_bwd_kernel[(triton.cdiv(R, block_r), G if per_group else 1)](
-        dctx, sdx_g, sdx_c, sdx_k,
-        dbias, dbias.stride(0) if bias is not None else 0,
+        part, part.stride(0), part.stride(1), part.stride(2),
         dout, dout.stride(0), dout.stride(1), dout.stride(2),
         slots, slots.stride(0), slots.stride(1),
-        R, S, D, ctx.shape[-2], 1 if per_group else G,
-        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        R, S, D, K, 1 if per_group else G,
+        BLOCK_R=block_r, BLOCK_D=block_d,
     )
+    # stage 2: fixed-order sums (deterministic, unlike atomics into rows shared by every class)
+    dims = {"shared": (0, 1), "class": (0,), "group": (1,)}[ctx_layout]
+    dctx = part.sum(dims).reshape(ctx.shape)
+    dbias = part.sum((1, 2)) if bias is not None else None
     return dctx.to(ctx.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
 

@@ -133,3 +133,21 @@ def test_backend_switch(monkeypatch, device):
 def test_default_scale_is_inverse_sqrt_d(device):
     args = make_inputs(1, 2, 3, 1, 24, 2, 1, torch.float32, device)
     torch.testing.assert_close(prefix_attention(*args), prefix_attention(*args, scale=1 / math.sqrt(24)))
+
+
+def test_prefix_grads_two_stage_reduction_is_deterministic(device):
+    """Enough rows for several partials of the prefix grads: right against the reference, bit-equal twice."""
+    G, C, S, H, d, P = 1, 70, 8, 1, 16, 5
+    args = make_inputs(G, C, S, H, d, P, 1, torch.float32, device, seed=11)
+    cfg = pa._config("dkdv_prefix", d, torch.float32, pa.vector_aligned(*args))
+    assert C * S > pa.SPLIT_BLOCKS * cfg["BLOCK_M"], "the shape must span more than one partial"
+    fn = attention(per_class_lens(C, S).to(device))
+    mask = [False, False, False, True, True]
+    check_op(fn(prefix_attention), fn(prefix_attention_ref), args, mask, torch.float32, NAMES)
+    runs = []
+    for _ in range(2):
+        kp, vp = (t.detach().clone().requires_grad_() for t in args[3:])
+        out = fn(prefix_attention)(*args[:3], kp, vp)
+        runs.append(torch.autograd.grad(out.square().sum(), (kp, vp)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

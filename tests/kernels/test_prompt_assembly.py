@@ -134,3 +134,19 @@ def test_bad_layout_raises(device):
     tok, slots, pos, ctx, bias = make_inputs(2, 3, 8, 2, 1, "shared", DTYPES[0], device)
     with pytest.raises(ValueError):
         assemble_prompts(tok, slots, pos, ctx, bias, "per-image")
+
+
+@pytest.mark.parametrize("layout", ["shared", "group"])
+def test_context_grads_are_deterministic(layout, device):
+    """Many classes share each context row: two backward runs give bit-equal context and bias grads."""
+    tok, slots, pos, ctx, bias = make_inputs(40, 6, 24, 3, 2, layout, DTYPES[1], device, "mixed")
+    runs = []
+    for _ in range(2):
+        c, b = ctx.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+        out = assemble_prompts(tok, slots, pos, c, b, layout)
+        runs.append(torch.autograd.grad(out.float().square().sum(), (c, b)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    want = torch.autograd.grad(assemble_prompts_ref(tok, slots, pos, ctx.requires_grad_(), bias, layout)
+                               .float().square().sum(), ctx)[0]
+    torch.testing.assert_close(runs[0][0], want, atol=1e-4 * want.abs().max().item(), rtol=0)
