@@ -19,9 +19,9 @@ Per test image (official rules, checked against the repository):
 
 promptcore tunes many images at once: the context is a (N, K, D) tensor (the engine's "group"
 layout: one prompt prefix per image), the per-image losses are summed, and :class:`BatchedAdamW`
-applies torch.optim.AdamW's elementwise arithmetic to the stack, so N images tuned together give
-the results of N sequential runs. Image features of the views are computed once (the encoder is
-frozen) and reused at every step; the official code recomputes them each step.
+(:mod:`promptcore.optim`) applies torch.optim.AdamW's elementwise arithmetic to the stack, so N
+images tuned together give the results of N sequential runs. Image features of the views are
+computed once (the encoder is frozen) and reused at every step; the official code recomputes them each step.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from .checkpoints import (
     read_prompt_file,
 )
 from .engine import PromptSet
+from .optim import BatchedAdamW
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
+from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
 from .views import as_image_list, require_finite
 
 # "amp" is the official ``torch.cuda.amp.autocast()``: fp16 autocast for CUDA tensors and nothing
@@ -89,31 +91,7 @@ class ZeroOutput:
     logits: torch.Tensor
 
 
-# -- the pieces of one tuning step, also used by the tests and the benchmark --------------------
-
-
-def view_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax entropy over the last dim (the official ``-(softmax * log_softmax).sum()``), in fp32."""
-    logp = logits.float().log_softmax(dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
-def select_confident(logits: torch.Tensor, selection: float) -> torch.Tensor:
-    """Indices (..., k) of the ``k = int(V * selection)`` lowest-entropy views of logits (..., V, C)."""
-    k = int(logits.shape[-2] * selection)
-    if k < 1:
-        raise ValueError(f"selection {selection} of {logits.shape[-2]} views keeps no view; "
-                         f"int(n_views * selection) must be at least 1")
-    return torch.argsort(view_entropy(logits), dim=-1, stable=True)[..., :k]
-
-
-def avg_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean probability over the views, (..., k, C) -> (...), the official formula in fp32."""
-    x = logits.float()
-    logp = x - x.logsumexp(dim=-1, keepdim=True)
-    avg = logp.logsumexp(dim=-2) - math.log(logp.shape[-2])
-    avg = avg.clamp(min=torch.finfo(avg.dtype).min)
-    return -(avg * avg.exp()).sum(dim=-1)
+# -- scoring (the selection math is in promptcore.selection, the optimizer in promptcore.optim) ----
 
 
 def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
@@ -126,90 +104,6 @@ def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logi
     txt = F.normalize(text_features.float(), dim=-1)
     scale = torch.as_tensor(logit_scale).float().exp()
     return scale * torch.bmm(img, txt.transpose(1, 2))
-
-
-class BatchedAdamW:
-    """AdamW on a stack of independent parameters, fresh state, torch.optim.AdamW's arithmetic.
-
-    The update is elementwise, so row n of ``param`` (N, ...) evolves exactly as it would alone
-    under ``torch.optim.AdamW([param_n], lr, betas, eps, weight_decay)`` (its single-tensor path:
-    decoupled decay ``p *= 1 - lr * wd``, ``m.lerp_(g, 1 - b1)``, ``v = b2 v + (1 - b2) g^2``,
-    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with Python-float scalars).
-    ``step(grad, finite)`` skips the rows whose ``finite`` flag is False (non-finite gradients, as
-    GradScaler skips a step); the step count is shared by all rows.
-    """
-
-    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        self.param = param
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.step_count = 0
-
-    @torch.no_grad()
-    def step(self, grad: torch.Tensor, finite: Optional[torch.Tensor] = None) -> None:
-        p, m, v = self.param, self.exp_avg, self.exp_avg_sq
-        if finite is not None:
-            old = (p.clone(), m.clone(), v.clone())
-            grad = torch.where(_rows(finite, grad), grad, torch.zeros_like(grad))
-        self.step_count += 1
-        step = float(self.step_count)  # torch keeps the count in a float tensor and reads it with .item()
-        beta1, beta2 = self.betas
-        p.mul_(1 - self.lr * self.weight_decay)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1 ** step)
-        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.eps)
-        p.addcdiv_(m, denom, value=-step_size)
-        if finite is not None:
-            keep = _rows(finite, p)
-            for new, prev in zip((p, m, v), old):
-                new.copy_(torch.where(keep, new, prev))
-
-
-def _rows(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return flags.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def zero_vote(logits: torch.Tensor, selection: float):
-    """ZERO's prediction from logits (N, V, C) of each image's views; returns (preds, votes, selected).
-
-    The ``int(V * selection)`` lowest-entropy views are kept (as TPT selects); each kept view votes
-    for its argmax class (the zero-temperature limit of its softmax: a one-hot vector) and the class
-    with most votes wins. Ties are broken as the official ``greedy_break``: walking through the views
-    that were NOT kept, in increasing entropy, the first whose argmax is a tied class decides. If none
-    does (or all views were kept), the tied class with the highest logit in the most confident view
-    that was not kept (else the most confident view) wins -- the official fallback intends this but
-    indexes with ``~ties`` on an integer tensor.
-    """
-    N, V, C = logits.shape
-    order = torch.argsort(view_entropy(logits), dim=-1, stable=True)
-    k = int(V * selection)
-    if k < 1:
-        raise ValueError(f"selection {selection} of {V} views keeps no view; int(n_views * selection) must be >= 1")
-    selected = order[:, :k]
-    view_argmax = logits.argmax(dim=-1)  # (N, V)
-    votes = F.one_hot(view_argmax.gather(1, selected), C).sum(dim=1)  # (N, C)
-    top = votes.max(dim=-1, keepdim=True).values
-    tied = votes == top
-    preds = votes.argmax(dim=-1)
-    rest = order[:, k:]
-    if rest.shape[1] > 0:
-        rest_argmax = view_argmax.gather(1, rest)  # (N, V - k), most confident first
-        hit = tied.gather(1, rest_argmax)
-        first = hit.float().argmax(dim=-1)  # first True (0 when none)
-        greedy = rest_argmax.gather(1, first[:, None])[:, 0]
-        fallback_view = rest[:, 0]
-    else:
-        hit = torch.zeros(N, 1, dtype=torch.bool, device=logits.device)
-        greedy = preds
-        fallback_view = order[:, 0]
-    fallback_logits = logits.gather(1, fallback_view[:, None, None].expand(N, 1, C))[:, 0].float()
-    fallback = fallback_logits.masked_fill(~tied, float("-inf")).argmax(dim=-1)
-    broken = torch.where(hit.any(dim=-1), greedy, fallback)
-    preds = torch.where(tied.sum(dim=-1) > 1, broken, preds)
-    return preds, votes, selected
 
 
 # -- the module -----------------------------------------------------------------------------
@@ -347,9 +241,7 @@ class TPT(PromptModule):
             raise ValueError("views hold no image (N = 0)")
         if views.shape[1] < 2:
             raise ValueError(f"TPT needs at least 2 views per image (view 0 + augmented), got {views.shape[1]}")
-        if int(views.shape[1] * self.selection) < 1:
-            raise ValueError(f"selection {self.selection} of {views.shape[1]} views keeps no view; "
-                             "int(n_views * selection) must be at least 1")
+        kept_views(views.shape[1], self.selection)
         self.check_images(views[:, 0])
         require_finite(views, "views")
 
@@ -441,7 +333,7 @@ class TPT(PromptModule):
 
         ``selection`` is ZERO's gamma (its paper and code use 0.3); see :func:`zero_vote`.
         """
-        _check_fraction(selection)
+        check_fraction(selection)
         feats = self.encode_views(views)
         return self.zero_features(feats, selection)
 
@@ -490,7 +382,7 @@ class TPT(PromptModule):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "zero":
-            _check_fraction(zero_selection)
+            check_fraction(zero_selection)
         images = as_image_list(images)
         generator = generator if generator is not None else self._default_generator()
         preds = []
@@ -605,18 +497,11 @@ class TPT(PromptModule):
 # -- validation helpers -------------------------------------------------------------------------
 
 
-def _check_fraction(selection) -> None:
-    if not isinstance(selection, (int, float)) or isinstance(selection, bool) or not 0 < selection <= 1:
-        raise ValueError(f"selection must be a fraction in (0, 1], got {selection!r}")
-
-
 def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch) -> None:
     if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 2:
         raise ValueError(f"n_views must be an integer >= 2 (view 0 plus augmented views), got {n_views!r}")
-    _check_fraction(selection)
-    if int(n_views * selection) < 1:
-        raise ValueError(f"selection {selection} of {n_views} views keeps no view; "
-                         "int(n_views * selection) must be at least 1")
+    check_fraction(selection)
+    kept_views(n_views, selection)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
