@@ -46,6 +46,7 @@ from .checkpoints import (
     read_prompt_file,
 )
 from .engine import PromptSet
+from .meta_net import build_meta_net, check_meta_net_state, image_feature_dim, meta_net_shapes
 from .optim import BatchedAdamW
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
@@ -118,13 +119,6 @@ class TPTPromptLearner(nn.Module):
         self.ctx = nn.Parameter(ctx, requires_grad=False)
         self.meta_net: Optional[nn.Sequential] = None
         self.prompts: Optional[PromptSet] = None
-
-
-def _meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
-    from collections import OrderedDict
-
-    return nn.Sequential(OrderedDict([("linear1", nn.Linear(vis_dim, vis_dim // 16)), ("relu", nn.ReLU()),
-                                      ("linear2", nn.Linear(vis_dim // 16, ctx_dim))]))
 
 
 class TPT(PromptModule):
@@ -399,8 +393,8 @@ class TPT(PromptModule):
 
     def _add_meta_net(self) -> None:
         tower = self.engine.tower
-        vis_dim = getattr(self.model.visual, "output_dim", None) or tower.output_dim
-        meta = _meta_net(vis_dim, tower.width).to(device=tower.device, dtype=tower.dtype)
+        meta = build_meta_net(image_feature_dim(self.model, tower.output_dim), tower.width)
+        meta.to(device=tower.device, dtype=tower.dtype)
         meta.requires_grad_(False)
         self.prompt_learner.meta_net = meta
 
@@ -421,21 +415,14 @@ class TPT(PromptModule):
         unless ``meta_net_input="normalized"``), and that shifted context is what TPT tunes."""
         state, source, info = self._read_state(path)
         check_method(state, "cocoop", source)
-        vis_dim = getattr(self.model.visual, "output_dim", None) or self.engine.tower.output_dim
-        width = self.engine.tower.width
-        want = {"meta_net.linear1.weight": (vis_dim // 16, vis_dim), "meta_net.linear1.bias": (vis_dim // 16,),
-                "meta_net.linear2.weight": (width, vis_dim // 16), "meta_net.linear2.bias": (width,)}
-        for key, shape in want.items():
-            if key not in state:
-                raise CheckpointError(f"{source} lacks {key}")
-            check_learned_tensor(key, state[key], source)
-            if tuple(state[key].shape) != shape:
-                raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, this model needs {shape}")
+        tower = self.engine.tower
+        vis_dim = image_feature_dim(self.model, tower.output_dim)
+        check_meta_net_state(state, vis_dim, tower.width, source, "TPT")
         self._check_ctx(state["ctx"], source)
         self._add_meta_net()
         meta = self.prompt_learner.meta_net
         with torch.no_grad():
-            for key in want:
+            for key in meta_net_shapes(vis_dim, tower.width):
                 meta.get_parameter(key[len("meta_net."):]).copy_(state[key])
         self._set_initial_ctx(state["ctx"], source)
         self.clear_cache()
