@@ -12,15 +12,9 @@ from promptcore.kernels import cosine_logits
 
 from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
 from .engine import PromptSet, TextEngine
+from .models import image_size
 from .prompts import clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
-
-
-def _image_size(model: nn.Module) -> Optional[tuple]:
-    size = getattr(getattr(model, "visual", None), "image_size", None)
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 class PromptModule(nn.Module):
@@ -62,7 +56,7 @@ class PromptModule(nn.Module):
             raise TypeError(f"images must be a tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        size = _image_size(self.model)
+        size = image_size(self.model)
         if size is not None and tuple(images.shape[-2:]) != size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} pixels, the model expects {size}")
         if not images.is_floating_point():

@@ -47,6 +47,7 @@ from .checkpoints import (
 )
 from .engine import PromptSet
 from .meta_net import build_meta_net, check_meta_net_state, image_feature_dim, meta_net_shapes
+from .models import square_image_size
 from .optim import BatchedAdamW
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
@@ -349,7 +350,7 @@ class TPT(PromptModule):
         """Views (N, n_views, 3, S, S) of raw images, made on their device (see :func:`promptcore.views.make_views`)."""
         from .views import make_views
 
-        size = _model_image_size(self.model)
+        size = square_image_size(self.model)
         generator = generator if generator is not None else self._default_generator()
         return make_views(images, self.n_views, size, generator=generator, augmix=self.augmix)
 
@@ -498,14 +499,3 @@ def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, imag
     for name, value in (("batch_size", batch_size), ("image_batch", image_batch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _model_image_size(model: nn.Module) -> int:
-    size = getattr(getattr(model, "visual", None), "image_size", None)
-    if size is None:
-        raise ValueError("the model's image encoder names no image_size; pass views to adapt() instead")
-    if isinstance(size, (tuple, list)):
-        if size[0] != size[1]:
-            raise ValueError(f"non-square image size {tuple(size)} is not supported for view making")
-        size = size[0]
-    return int(size)
