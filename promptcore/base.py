@@ -3,7 +3,7 @@ checks, cosine scoring, the eval-mode text cache and promptcore's own prompt fil
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -88,12 +88,14 @@ class PromptModule(nn.Module):
     # -- class list ----------------------------------------------------------------------------
 
     def _install_prompts(self, classnames: Sequence[str], class_token_position: str = "end",
-                         ctx_layout: str = "shared") -> None:
+                         ctx_layout: str = "shared", names: Optional[List[str]] = None) -> None:
         """Build the prompt set of ``classnames`` around the learned context and make it current.
 
         Needs ``n_ctx`` and ``prompt_prefix`` set; raises before changing anything on bad names.
+        ``names``: ``clean_classnames(classnames)`` when the caller has already validated them.
         """
-        names = clean_classnames(classnames)
+        if names is None:
+            names = clean_classnames(classnames)
         tower = self.engine.tower
         built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
                                 class_token_position, raw_names=list(classnames))

@@ -87,7 +87,7 @@ class CoCoOp(PromptModule):
                  ctx_init: Optional[str] = "a photo of a", text_path: str = "auto", seed: Optional[int] = None,
                  freeze: bool = True):
         super().__init__(model, tokenizer, text_path, freeze)
-        clean_classnames(classnames)  # fail on a bad class list before any random draw
+        names = clean_classnames(classnames)  # fail on a bad class list before any random draw
         tower = self.engine.tower
         vis_dim = image_feature_dim(model, tower.output_dim)
         # With a seed, draw ctx then the meta-net (the official order) from a seeded global generator
@@ -103,7 +103,7 @@ class CoCoOp(PromptModule):
         self.vis_dim = vis_dim
         self.prompt_prefix = phrase
         self.prompt_learner = CoCoOpPromptLearner(ctx, meta_net)
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, "end", "shared", names)
         self._finish_init()
 
     def options(self) -> Dict[str, Any]:

@@ -61,7 +61,7 @@ class CoOp(PromptModule):
         self.class_token_position = class_token_position
         self.prompt_prefix = phrase
         self.prompt_learner = CoOpPromptLearner(ctx)
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, class_token_position, "class" if csc else "shared", names)
         self._finish_init()
 
     def options(self) -> Dict[str, Any]:
@@ -74,7 +74,7 @@ class CoOp(PromptModule):
         if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
             raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared")
+        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared", names)
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

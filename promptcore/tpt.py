@@ -171,7 +171,7 @@ class TPT(PromptModule):
         if precision != "native" and weights != torch.float32:
             raise ValueError(f"precision {precision!r} runs fp32 weights under autocast; this model is {weights}: "
                              "use precision='native'")
-        clean_classnames(classnames)  # validate before anything is built
+        names = clean_classnames(classnames)  # validate before anything is built
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx, generator=generator)
         self.n_ctx, self.ctx_init, self.prompt_prefix = n_ctx, ctx_init, phrase
@@ -183,7 +183,7 @@ class TPT(PromptModule):
         self.prompt_learner = TPTPromptLearner(ctx)
         if cocoop_meta_net:
             self._add_meta_net()
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, self.class_token_position, "group", names)
         self._finish_init()
 
     # -- options, classes, precision --------------------------------------------------------
