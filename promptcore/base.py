@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from promptcore.kernels import cosine_logits
 
-from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
+from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file, shape_mismatch
 from .engine import PromptSet, TextEngine
 from .models import image_size
 from .prompts import clean_classnames, context_prompts, default_tokenizer
@@ -184,7 +184,7 @@ class PromptModule(nn.Module):
         return f"{source} holds tensors this {type(self).__name__} does not have: {', '.join(unexpected)}"
 
     def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
-        return f"{source}: {key} has shape {got}, this {type(self).__name__} expects {want}"
+        return shape_mismatch(key, got, want, source, type(self).__name__)
 
     @classmethod
     def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .base import PromptModule
 from .checkpoints import check_method, official_state_dict
 from .engine import PromptSet
-from .meta_net import build_meta_net, describe_meta_net_shape, image_feature_dim
+from .meta_net import build_meta_net, image_feature_dim
 from .prompts import clean_classnames, init_context
 
 # Saved by the official trainer (embeddings of the training classes) and dropped on load, as officially.
@@ -199,13 +199,3 @@ class CoCoOp(PromptModule):
         learned = {k: v for k, v in state.items() if k not in _FIXED_TOKEN_KEYS}
         self._load_learner_state(learned, file, strict=False)  # extra keys ignored, as officially
         return {"file": str(file), "epoch": info.get("epoch")}
-
-    def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
-        def describe(shape):
-            if key == "ctx" and len(shape) == 2:
-                return f"n_ctx={shape[0]}, width={shape[1]}"
-            if key == "ctx" and len(shape) == 3:
-                return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
-            return describe_meta_net_shape(key, shape)
-        what = "ctx" if key == "ctx" else f"meta-net {key}"
-        return f"{source}: checkpoint {what} is {describe(got)}, this CoCoOp has {describe(want)}"

@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, check_learned_tensor
+from .checkpoints import CheckpointError, check_learned_tensor, shape_mismatch
 
 
 def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
@@ -41,15 +41,6 @@ def meta_net_shapes(vis_dim: int, ctx_dim: int, prefix: str = "meta_net.") -> Di
             f"{prefix}linear2.weight": (ctx_dim, hidden), f"{prefix}linear2.bias": (ctx_dim,)}
 
 
-def describe_meta_net_shape(key: str, shape: Tuple[int, ...]) -> str:
-    """Words for a meta-net tensor's shape in error messages ("image feature dim 512 -> hidden 32")."""
-    if key.endswith("linear1.weight") and len(shape) == 2:
-        return f"image feature dim {shape[1]} -> hidden {shape[0]}"
-    if key.endswith("linear2.weight") and len(shape) == 2:
-        return f"hidden {shape[1]} -> width {shape[0]}"
-    return f"shape {shape}"
-
-
 def check_meta_net_state(state: Dict[str, torch.Tensor], vis_dim: int, ctx_dim: int, source, owner: str) -> None:
     """Raise a :class:`CheckpointError` unless ``state`` holds every ``meta_net.*`` tensor, finite and floating,
     in the shapes of a meta-net for ``vis_dim`` -> ``ctx_dim`` (``owner`` names the module in messages)."""
@@ -59,5 +50,4 @@ def check_meta_net_state(state: Dict[str, torch.Tensor], vis_dim: int, ctx_dim: 
         check_learned_tensor(key, state[key], source)
         got = tuple(state[key].shape)
         if got != want:
-            raise CheckpointError(f"{source}: checkpoint meta-net {key} is {describe_meta_net_shape(key, got)}, "
-                                  f"this {owner} has {describe_meta_net_shape(key, want)}")
+            raise CheckpointError(shape_mismatch(key, got, want, source, owner))

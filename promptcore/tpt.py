@@ -44,6 +44,7 @@ from .checkpoints import (
     detect_method,
     official_state_dict,
     read_prompt_file,
+    shape_mismatch,
 )
 from .engine import PromptSet
 from .meta_net import build_meta_net, check_meta_net_state, image_feature_dim, meta_net_shapes
@@ -473,8 +474,8 @@ class TPT(PromptModule):
             raise CheckpointError(f"{source}: the context is class-specific ({got[0]} classes); TPT tunes one "
                                   "generic context per image")
         if got != own:
-            raise CheckpointError(f"{source}: checkpoint ctx is n_ctx={got[0]}, width={got[-1]}; this TPT has "
-                                  f"n_ctx={own[0]}, width={own[1]} (construct it with n_ctx={got[0]}, ctx_init=None)")
+            raise CheckpointError(f"{shape_mismatch('ctx', got, own, source, 'TPT')} "
+                                  f"(construct it with n_ctx={got[0]}, ctx_init=None)")
 
     def _set_initial_ctx(self, ctx: torch.Tensor, source) -> None:
         self._check_ctx(ctx, source)
