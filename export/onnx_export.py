@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from promptcore.models import image_size as model_image_size
+
 from .graphs import DTYPES, ExportError, build_graph, check_exportable
 
 TWO_GB = 2 * 1024**3
@@ -85,8 +87,8 @@ def torch_backend():
 
 
 def _image_size(module: nn.Module, image_size: Optional[int]) -> int:
-    size = getattr(module.model.visual, "image_size", None)
-    native = size if isinstance(size, int) or size is None else size[0]
+    size = model_image_size(module.model)
+    native = None if size is None else size[0]
     if image_size is None:
         if native is None:
             raise ExportError("the model does not say its image size; pass image_size")

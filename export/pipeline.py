@@ -57,18 +57,18 @@ def classes_disagreement(module, state: Dict[str, torch.Tensor]) -> Optional[str
     after SOS and the context. Returns a reason when they differ, None when they match or the
     checkpoint records none.
     """
-    from promptcore.prompts import tokenize
+    from promptcore.prompts import clean_classnames, context_prompts
 
     suffix = state.get("token_suffix")
     if suffix is None:
         return None
-    names = [n.replace("_", " ") for n in module.classnames]
+    names = clean_classnames(module.classnames)
     if suffix.shape[0] != len(names):
         return f"the class file has {len(names)} names, the checkpoint was trained on {suffix.shape[0]} classes"
     tower = module.engine.tower
     n_ctx = module.n_ctx
-    texts = [f"{module.prompt_prefix} {n}." for n in names]
-    ids = tokenize(module.tokenizer, texts, tower.context_length)
+    # the official learners save the suffix of the class-at-the-end prompts, whatever the class position
+    ids = context_prompts(module.tokenizer, names, n_ctx, module.prompt_prefix, tower.context_length, "end").ids
     with torch.no_grad():
         ours = tower.token_embedding(ids.to(tower.device))[:, 1 + n_ctx:].float().cpu()
     theirs = suffix.float()

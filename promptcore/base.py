@@ -3,24 +3,18 @@ checks, cosine scoring, the eval-mode text cache and promptcore's own prompt fil
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from promptcore.kernels import cosine_logits
 
-from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
+from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file, shape_mismatch
 from .engine import PromptSet, TextEngine
+from .models import image_size
 from .prompts import clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
-
-
-def _image_size(model: nn.Module) -> Optional[tuple]:
-    size = getattr(getattr(model, "visual", None), "image_size", None)
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 class PromptModule(nn.Module):
@@ -62,7 +56,7 @@ class PromptModule(nn.Module):
             raise TypeError(f"images must be a tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        size = _image_size(self.model)
+        size = image_size(self.model)
         if size is not None and tuple(images.shape[-2:]) != size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} pixels, the model expects {size}")
         if not images.is_floating_point():
@@ -94,12 +88,14 @@ class PromptModule(nn.Module):
     # -- class list ----------------------------------------------------------------------------
 
     def _install_prompts(self, classnames: Sequence[str], class_token_position: str = "end",
-                         ctx_layout: str = "shared") -> None:
+                         ctx_layout: str = "shared", names: Optional[List[str]] = None) -> None:
         """Build the prompt set of ``classnames`` around the learned context and make it current.
 
         Needs ``n_ctx`` and ``prompt_prefix`` set; raises before changing anything on bad names.
+        ``names``: ``clean_classnames(classnames)`` when the caller has already validated them.
         """
-        names = clean_classnames(classnames)
+        if names is None:
+            names = clean_classnames(classnames)
         tower = self.engine.tower
         built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
                                 class_token_position, raw_names=list(classnames))
@@ -188,7 +184,7 @@ class PromptModule(nn.Module):
         return f"{source} holds tensors this {type(self).__name__} does not have: {', '.join(unexpected)}"
 
     def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
-        return f"{source}: {key} has shape {got}, this {type(self).__name__} expects {want}"
+        return shape_mismatch(key, got, want, source, type(self).__name__)
 
     @classmethod
     def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):

@@ -253,6 +253,31 @@ def check_learned_tensor(key: str, value: Any, source) -> None:
         raise CheckpointError(f"{source}: {key} holds {bad} non-finite value(s) ({kinds}) of {value.numel()}")
 
 
+def describe_shape(key: str, shape: tuple, generic_word: bool = False) -> str:
+    """Words for a learned tensor's shape in error messages, one description per kind of tensor.
+
+    ``ctx``: "n_ctx=4, width=512" (``generic_word``: "generic, n_ctx=..." where contexts may also be
+    class-specific), "class-specific for 7 classes, n_ctx=..."; the meta-net's linear layers by their
+    sizes; anything else by its shape.
+    """
+    if key == "ctx" and len(shape) == 3:
+        return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
+    if key == "ctx" and len(shape) == 2:
+        return f"{'generic, ' if generic_word else ''}n_ctx={shape[0]}, width={shape[1]}"
+    if key.startswith("meta_net.") and key.endswith("linear1.weight") and len(shape) == 2:
+        return f"image feature dim {shape[1]} -> hidden {shape[0]}"
+    if key.startswith("meta_net.") and key.endswith("linear2.weight") and len(shape) == 2:
+        return f"hidden {shape[1]} -> width {shape[0]}"
+    return f"shape {shape}"
+
+
+def shape_mismatch(key: str, got: tuple, want: tuple, source, owner: str, generic_word: bool = False) -> str:
+    """The error message for a learned tensor of the wrong shape: what the file holds, what ``owner`` has."""
+    what = key if key == "ctx" or not key.startswith("meta_net.") else f"meta-net {key}"
+    return (f"{source}: checkpoint {what} is {describe_shape(key, got, generic_word)}, "
+            f"this {owner} has {describe_shape(key, want, generic_word)}")
+
+
 def detect_method(state: Dict[str, torch.Tensor]) -> str:
     """Which method's prompt learner a state dict belongs to ("coop", "cocoop", "maple" or "unknown")."""
     keys = set(state)

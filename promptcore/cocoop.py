@@ -10,7 +10,6 @@ to its image's prefix (the engine's groups, G = B). Nothing of shape (B, n_cls, 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -20,31 +19,11 @@ import torch.nn.functional as F
 from .base import PromptModule
 from .checkpoints import check_method, official_state_dict
 from .engine import PromptSet
+from .meta_net import build_meta_net, image_feature_dim
 from .prompts import clean_classnames, init_context
 
 # Saved by the official trainer (embeddings of the training classes) and dropped on load, as officially.
 _FIXED_TOKEN_KEYS = ("token_prefix", "token_suffix")
-
-
-def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
-    """The official meta-net: Linear(vis_dim, vis_dim // 16) -> ReLU -> Linear(vis_dim // 16, ctx_dim).
-
-    Initialised as ``nn.Linear`` does by default (torch's global generator), as officially.
-    """
-    hidden = vis_dim // 16
-    if hidden < 1:
-        raise ValueError(f"the image feature dim {vis_dim} is too small for CoCoOp's meta-net (hidden = dim // 16)")
-    return nn.Sequential(OrderedDict([
-        ("linear1", nn.Linear(vis_dim, hidden)),
-        ("relu", nn.ReLU()),
-        ("linear2", nn.Linear(hidden, ctx_dim)),
-    ]))
-
-
-def image_feature_dim(model: nn.Module, fallback: int) -> int:
-    """The image tower's output dim (official ``clip_model.visual.output_dim``), else ``fallback``."""
-    dim = getattr(getattr(model, "visual", None), "output_dim", None)
-    return int(dim) if isinstance(dim, int) else int(fallback)
 
 
 def grouped_cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -108,7 +87,7 @@ class CoCoOp(PromptModule):
                  ctx_init: Optional[str] = "a photo of a", text_path: str = "auto", seed: Optional[int] = None,
                  freeze: bool = True):
         super().__init__(model, tokenizer, text_path, freeze)
-        clean_classnames(classnames)  # fail on a bad class list before any random draw
+        names = clean_classnames(classnames)  # fail on a bad class list before any random draw
         tower = self.engine.tower
         vis_dim = image_feature_dim(model, tower.output_dim)
         # With a seed, draw ctx then the meta-net (the official order) from a seeded global generator
@@ -124,7 +103,7 @@ class CoCoOp(PromptModule):
         self.vis_dim = vis_dim
         self.prompt_prefix = phrase
         self.prompt_learner = CoCoOpPromptLearner(ctx, meta_net)
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, "end", "shared", names)
         self._finish_init()
 
     def options(self) -> Dict[str, Any]:
@@ -220,17 +199,3 @@ class CoCoOp(PromptModule):
         learned = {k: v for k, v in state.items() if k not in _FIXED_TOKEN_KEYS}
         self._load_learner_state(learned, file, strict=False)  # extra keys ignored, as officially
         return {"file": str(file), "epoch": info.get("epoch")}
-
-    def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
-        def describe(shape):
-            if key == "ctx" and len(shape) == 2:
-                return f"n_ctx={shape[0]}, width={shape[1]}"
-            if key == "ctx" and len(shape) == 3:
-                return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
-            if key == "meta_net.linear1.weight" and len(shape) == 2:
-                return f"image feature dim {shape[1]} -> hidden {shape[0]}"
-            if key == "meta_net.linear2.weight" and len(shape) == 2:
-                return f"hidden {shape[1]} -> width {shape[0]}"
-            return f"shape {shape}"
-        what = "ctx" if key == "ctx" else f"meta-net {key}"
-        return f"{source}: checkpoint {what} is {describe(got)}, this CoCoOp has {describe(want)}"

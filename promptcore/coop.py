@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .base import PromptModule
-from .checkpoints import CheckpointError, check_method, official_state_dict
+from .checkpoints import CheckpointError, check_method, official_state_dict, shape_mismatch
 from .engine import PromptSet
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 
@@ -61,7 +61,7 @@ class CoOp(PromptModule):
         self.class_token_position = class_token_position
         self.prompt_prefix = phrase
         self.prompt_learner = CoOpPromptLearner(ctx)
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, class_token_position, "class" if csc else "shared", names)
         self._finish_init()
 
     def options(self) -> Dict[str, Any]:
@@ -74,7 +74,7 @@ class CoOp(PromptModule):
         if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
             raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared")
+        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared", names)
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)
@@ -100,20 +100,10 @@ class CoOp(PromptModule):
         ctx = state["ctx"]
         own = self.prompt_learner.ctx
         if tuple(ctx.shape) != tuple(own.shape):
-            raise CheckpointError(self._ctx_mismatch(tuple(ctx.shape), tuple(own.shape), file))
+            raise CheckpointError(self._shape_message("ctx", tuple(ctx.shape), tuple(own.shape), file))
         self._load_learner_state({"ctx": ctx}, file)
         return {"file": str(file), "epoch": info.get("epoch")}
 
-    def _ctx_mismatch(self, got: tuple, want: tuple, source) -> str:
-        def describe(shape):
-            if len(shape) == 3:
-                return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
-            if len(shape) == 2:
-                return f"generic, n_ctx={shape[0]}, width={shape[1]}"
-            return f"shape {shape}"
-        return f"{source}: checkpoint ctx is {describe(got)}, this CoOp has {describe(want)}"
-
     def _shape_message(self, key, got, want, source) -> str:
-        if key == "ctx":
-            return self._ctx_mismatch(got, want, source)
-        return super()._shape_message(key, got, want, source)
+        # a CoOp context is generic or class-specific: the message says which
+        return shape_mismatch(key, got, want, source, "CoOp", generic_word=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .coop import CoOp
-from .models import builtin_classnames, load_model
+from .models import builtin_classnames, load_model, square_image_size
 
 
 def _timed(fn, repeats: int):
@@ -39,8 +39,7 @@ def run_demo(model_name="ViT-B-16", pretrained=None, dataset="imagenet", num_cla
         f"{len(prompts.buckets)} length buckets), "
         f"ratio {live_naive / live_fast:.1f}x")
 
-    size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
+    size = square_image_size(model)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=gen).to(device)
     labels = torch.randint(0, len(names), (batch,), generator=gen).to(device)

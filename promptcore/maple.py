@@ -183,7 +183,7 @@ class MaPLe(PromptModule):
         super().__init__(model, tokenizer, text_path, freeze)
         visual = check_vision_tower(model)
         tower = self.engine.tower
-        clean_classnames(classnames)
+        names = clean_classnames(classnames)
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -199,7 +199,7 @@ class MaPLe(PromptModule):
         learner, phrase = self._build_learner(tower, n_ctx, ctx_init, depth, seed)
         self.prompt_prefix = phrase
         self.prompt_learner = learner
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, "end", "shared", names)
         self._finish_init()
 
     def _build_learner(self, tower, n_ctx, ctx_init, depth, seed) -> Tuple[MaPLePromptLearner, str]:

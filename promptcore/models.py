@@ -48,3 +48,21 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu", precis
         convert_weights_to_lp(model, PRECISIONS[precision])
     tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), tokenizer
+
+
+def image_size(model) -> Optional[Tuple[int, int]]:
+    """(H, W) of the images the model's image tower takes (``model.visual.image_size``); None if it names none."""
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def square_image_size(model) -> int:
+    """The side of the model's square input images (view making needs one); a ValueError otherwise."""
+    size = image_size(model)
+    if size is None:
+        raise ValueError("the model's image encoder names no image_size; pass views to adapt() instead")
+    if size[0] != size[1]:
+        raise ValueError(f"non-square image size {size} is not supported for view making")
+    return size[0]

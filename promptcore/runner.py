@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from .models import square_image_size
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MODES = ("eval", "tpt", "zero")
 TOP_K = 5
@@ -224,10 +226,8 @@ class _Predictor:
 
     def __init__(self, module, mode: str, batch_size: int, seed: int, zero_selection: float):
         self.module, self.mode, self.batch_size, self.seed = module, mode, batch_size, seed
-        from .tpt import _model_image_size
-
         self.zero_selection = zero_selection
-        self.size = _model_image_size(module.model)
+        self.size = square_image_size(module.model)
 
     def __call__(self, images: List[torch.Tensor], indices: List[int]) -> List[Dict[str, Any]]:
         from .views import make_views

@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .models import image_size
+
 APP_NAME = "promptcore"
 METHODS = ("coop", "cocoop", "maple", "zeroshot", "tpt")
 NEEDS_CHECKPOINT = ("coop", "cocoop", "maple")
@@ -151,9 +153,10 @@ class Classifier:
         self.module, self.spec = module, spec
         self.classnames = list(module.classnames)
         self.is_tpt = spec.method == "tpt"
-        visual = module.model.visual
-        size = getattr(visual, "image_size", None)
-        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        size = image_size(module.model)
+        if size is None:
+            raise ValueError("the model's image encoder names no image_size")
+        self.image_size = size
         cfg = open_clip.get_model_preprocess_cfg(module.model)
         # open_clip's own eval transform: resize, center crop, to tensor, normalise with the model's mean/std
         self.preprocess = open_clip.image_transform(

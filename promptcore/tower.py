@@ -139,11 +139,6 @@ class TextTower:
             return (ids == self.eos_id).int().argmax(dim=-1)
         return ids.argmax(dim=-1)
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings of ``ids`` in the compute dtype (as the official prompt learners store them)."""
-        with torch.no_grad():
-            return self.token_embedding(ids.to(self.device)).to(self.dtype)
-
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """ln_final then the text projection, applied to pooled rows (..., width)."""
         x = self.ln_final(pooled)

@@ -19,9 +19,9 @@ Per test image (official rules, checked against the repository):
 
 promptcore tunes many images at once: the context is a (N, K, D) tensor (the engine's "group"
 layout: one prompt prefix per image), the per-image losses are summed, and :class:`BatchedAdamW`
-applies torch.optim.AdamW's elementwise arithmetic to the stack, so N images tuned together give
-the results of N sequential runs. Image features of the views are computed once (the encoder is
-frozen) and reused at every step; the official code recomputes them each step.
+(:mod:`promptcore.optim`) applies torch.optim.AdamW's elementwise arithmetic to the stack, so N
+images tuned together give the results of N sequential runs. Image features of the views are
+computed once (the encoder is frozen) and reused at every step; the official code recomputes them each step.
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ from .checkpoints import (
     detect_method,
     official_state_dict,
     read_prompt_file,
+    shape_mismatch,
 )
 from .engine import PromptSet
+from .meta_net import build_meta_net, check_meta_net_state, image_feature_dim, meta_net_shapes
+from .models import square_image_size
+from .optim import BatchedAdamW
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
+from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
 from .views import as_image_list, require_finite
 
 # "amp" is the official ``torch.cuda.amp.autocast()``: fp16 autocast for CUDA tensors and nothing
@@ -89,31 +94,7 @@ class ZeroOutput:
     logits: torch.Tensor
 
 
-# -- the pieces of one tuning step, also used by the tests and the benchmark --------------------
-
-
-def view_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax entropy over the last dim (the official ``-(softmax * log_softmax).sum()``), in fp32."""
-    logp = logits.float().log_softmax(dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
-def select_confident(logits: torch.Tensor, selection: float) -> torch.Tensor:
-    """Indices (..., k) of the ``k = int(V * selection)`` lowest-entropy views of logits (..., V, C)."""
-    k = int(logits.shape[-2] * selection)
-    if k < 1:
-        raise ValueError(f"selection {selection} of {logits.shape[-2]} views keeps no view; "
-                         f"int(n_views * selection) must be at least 1")
-    return torch.argsort(view_entropy(logits), dim=-1, stable=True)[..., :k]
-
-
-def avg_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean probability over the views, (..., k, C) -> (...), the official formula in fp32."""
-    x = logits.float()
-    logp = x - x.logsumexp(dim=-1, keepdim=True)
-    avg = logp.logsumexp(dim=-2) - math.log(logp.shape[-2])
-    avg = avg.clamp(min=torch.finfo(avg.dtype).min)
-    return -(avg * avg.exp()).sum(dim=-1)
+# -- scoring (the selection math is in promptcore.selection, the optimizer in promptcore.optim) ----
 
 
 def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
@@ -128,90 +109,6 @@ def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logi
     return scale * torch.bmm(img, txt.transpose(1, 2))
 
 
-class BatchedAdamW:
-    """AdamW on a stack of independent parameters, fresh state, torch.optim.AdamW's arithmetic.
-
-    The update is elementwise, so row n of ``param`` (N, ...) evolves exactly as it would alone
-    under ``torch.optim.AdamW([param_n], lr, betas, eps, weight_decay)`` (its single-tensor path:
-    decoupled decay ``p *= 1 - lr * wd``, ``m.lerp_(g, 1 - b1)``, ``v = b2 v + (1 - b2) g^2``,
-    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with Python-float scalars).
-    ``step(grad, finite)`` skips the rows whose ``finite`` flag is False (non-finite gradients, as
-    GradScaler skips a step); the step count is shared by all rows.
-    """
-
-    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        self.param = param
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), float(weight_decay)
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self.step_count = 0
-
-    @torch.no_grad()
-    def step(self, grad: torch.Tensor, finite: Optional[torch.Tensor] = None) -> None:
-        p, m, v = self.param, self.exp_avg, self.exp_avg_sq
-        if finite is not None:
-            old = (p.clone(), m.clone(), v.clone())
-            grad = torch.where(_rows(finite, grad), grad, torch.zeros_like(grad))
-        self.step_count += 1
-        step = float(self.step_count)  # torch keeps the count in a float tensor and reads it with .item()
-        beta1, beta2 = self.betas
-        p.mul_(1 - self.lr * self.weight_decay)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1 ** step)
-        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(self.eps)
-        p.addcdiv_(m, denom, value=-step_size)
-        if finite is not None:
-            keep = _rows(finite, p)
-            for new, prev in zip((p, m, v), old):
-                new.copy_(torch.where(keep, new, prev))
-
-
-def _rows(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return flags.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def zero_vote(logits: torch.Tensor, selection: float):
-    """ZERO's prediction from logits (N, V, C) of each image's views; returns (preds, votes, selected).
-
-    The ``int(V * selection)`` lowest-entropy views are kept (as TPT selects); each kept view votes
-    for its argmax class (the zero-temperature limit of its softmax: a one-hot vector) and the class
-    with most votes wins. Ties are broken as the official ``greedy_break``: walking through the views
-    that were NOT kept, in increasing entropy, the first whose argmax is a tied class decides. If none
-    does (or all views were kept), the tied class with the highest logit in the most confident view
-    that was not kept (else the most confident view) wins -- the official fallback intends this but
-    indexes with ``~ties`` on an integer tensor.
-    """
-    N, V, C = logits.shape
-    order = torch.argsort(view_entropy(logits), dim=-1, stable=True)
-    k = int(V * selection)
-    if k < 1:
-        raise ValueError(f"selection {selection} of {V} views keeps no view; int(n_views * selection) must be >= 1")
-    selected = order[:, :k]
-    view_argmax = logits.argmax(dim=-1)  # (N, V)
-    votes = F.one_hot(view_argmax.gather(1, selected), C).sum(dim=1)  # (N, C)
-    top = votes.max(dim=-1, keepdim=True).values
-    tied = votes == top
-    preds = votes.argmax(dim=-1)
-    rest = order[:, k:]
-    if rest.shape[1] > 0:
-        rest_argmax = view_argmax.gather(1, rest)  # (N, V - k), most confident first
-        hit = tied.gather(1, rest_argmax)
-        first = hit.float().argmax(dim=-1)  # first True (0 when none)
-        greedy = rest_argmax.gather(1, first[:, None])[:, 0]
-        fallback_view = rest[:, 0]
-    else:
-        hit = torch.zeros(N, 1, dtype=torch.bool, device=logits.device)
-        greedy = preds
-        fallback_view = order[:, 0]
-    fallback_logits = logits.gather(1, fallback_view[:, None, None].expand(N, 1, C))[:, 0].float()
-    fallback = fallback_logits.masked_fill(~tied, float("-inf")).argmax(dim=-1)
-    broken = torch.where(hit.any(dim=-1), greedy, fallback)
-    preds = torch.where(tied.sum(dim=-1) > 1, broken, preds)
-    return preds, votes, selected
-
-
 # -- the module -----------------------------------------------------------------------------
 
 
@@ -224,13 +121,6 @@ class TPTPromptLearner(nn.Module):
         self.ctx = nn.Parameter(ctx, requires_grad=False)
         self.meta_net: Optional[nn.Sequential] = None
         self.prompts: Optional[PromptSet] = None
-
-
-def _meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
-    from collections import OrderedDict
-
-    return nn.Sequential(OrderedDict([("linear1", nn.Linear(vis_dim, vis_dim // 16)), ("relu", nn.ReLU()),
-                                      ("linear2", nn.Linear(vis_dim // 16, ctx_dim))]))
 
 
 class TPT(PromptModule):
@@ -282,7 +172,7 @@ class TPT(PromptModule):
         if precision != "native" and weights != torch.float32:
             raise ValueError(f"precision {precision!r} runs fp32 weights under autocast; this model is {weights}: "
                              "use precision='native'")
-        clean_classnames(classnames)  # validate before anything is built
+        names = clean_classnames(classnames)  # validate before anything is built
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx, generator=generator)
         self.n_ctx, self.ctx_init, self.prompt_prefix = n_ctx, ctx_init, phrase
@@ -294,7 +184,7 @@ class TPT(PromptModule):
         self.prompt_learner = TPTPromptLearner(ctx)
         if cocoop_meta_net:
             self._add_meta_net()
-        self.set_classnames(classnames)
+        self._install_prompts(classnames, self.class_token_position, "group", names)
         self._finish_init()
 
     # -- options, classes, precision --------------------------------------------------------
@@ -347,9 +237,7 @@ class TPT(PromptModule):
             raise ValueError("views hold no image (N = 0)")
         if views.shape[1] < 2:
             raise ValueError(f"TPT needs at least 2 views per image (view 0 + augmented), got {views.shape[1]}")
-        if int(views.shape[1] * self.selection) < 1:
-            raise ValueError(f"selection {self.selection} of {views.shape[1]} views keeps no view; "
-                             "int(n_views * selection) must be at least 1")
+        kept_views(views.shape[1], self.selection)
         self.check_images(views[:, 0])
         require_finite(views, "views")
 
@@ -441,7 +329,7 @@ class TPT(PromptModule):
 
         ``selection`` is ZERO's gamma (its paper and code use 0.3); see :func:`zero_vote`.
         """
-        _check_fraction(selection)
+        check_fraction(selection)
         feats = self.encode_views(views)
         return self.zero_features(feats, selection)
 
@@ -463,7 +351,7 @@ class TPT(PromptModule):
         """Views (N, n_views, 3, S, S) of raw images, made on their device (see :func:`promptcore.views.make_views`)."""
         from .views import make_views
 
-        size = _model_image_size(self.model)
+        size = square_image_size(self.model)
         generator = generator if generator is not None else self._default_generator()
         return make_views(images, self.n_views, size, generator=generator, augmix=self.augmix)
 
@@ -490,7 +378,7 @@ class TPT(PromptModule):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "zero":
-            _check_fraction(zero_selection)
+            check_fraction(zero_selection)
         images = as_image_list(images)
         generator = generator if generator is not None else self._default_generator()
         preds = []
@@ -507,8 +395,8 @@ class TPT(PromptModule):
 
     def _add_meta_net(self) -> None:
         tower = self.engine.tower
-        vis_dim = getattr(self.model.visual, "output_dim", None) or tower.output_dim
-        meta = _meta_net(vis_dim, tower.width).to(device=tower.device, dtype=tower.dtype)
+        meta = build_meta_net(image_feature_dim(self.model, tower.output_dim), tower.width)
+        meta.to(device=tower.device, dtype=tower.dtype)
         meta.requires_grad_(False)
         self.prompt_learner.meta_net = meta
 
@@ -529,21 +417,14 @@ class TPT(PromptModule):
         unless ``meta_net_input="normalized"``), and that shifted context is what TPT tunes."""
         state, source, info = self._read_state(path)
         check_method(state, "cocoop", source)
-        vis_dim = getattr(self.model.visual, "output_dim", None) or self.engine.tower.output_dim
-        width = self.engine.tower.width
-        want = {"meta_net.linear1.weight": (vis_dim // 16, vis_dim), "meta_net.linear1.bias": (vis_dim // 16,),
-                "meta_net.linear2.weight": (width, vis_dim // 16), "meta_net.linear2.bias": (width,)}
-        for key, shape in want.items():
-            if key not in state:
-                raise CheckpointError(f"{source} lacks {key}")
-            check_learned_tensor(key, state[key], source)
-            if tuple(state[key].shape) != shape:
-                raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, this model needs {shape}")
+        tower = self.engine.tower
+        vis_dim = image_feature_dim(self.model, tower.output_dim)
+        check_meta_net_state(state, vis_dim, tower.width, source, "TPT")
         self._check_ctx(state["ctx"], source)
         self._add_meta_net()
         meta = self.prompt_learner.meta_net
         with torch.no_grad():
-            for key in want:
+            for key in meta_net_shapes(vis_dim, tower.width):
                 meta.get_parameter(key[len("meta_net."):]).copy_(state[key])
         self._set_initial_ctx(state["ctx"], source)
         self.clear_cache()
@@ -593,8 +474,8 @@ class TPT(PromptModule):
             raise CheckpointError(f"{source}: the context is class-specific ({got[0]} classes); TPT tunes one "
                                   "generic context per image")
         if got != own:
-            raise CheckpointError(f"{source}: checkpoint ctx is n_ctx={got[0]}, width={got[-1]}; this TPT has "
-                                  f"n_ctx={own[0]}, width={own[1]} (construct it with n_ctx={got[0]}, ctx_init=None)")
+            raise CheckpointError(f"{shape_mismatch('ctx', got, own, source, 'TPT')} "
+                                  f"(construct it with n_ctx={got[0]}, ctx_init=None)")
 
     def _set_initial_ctx(self, ctx: torch.Tensor, source) -> None:
         self._check_ctx(ctx, source)
@@ -605,18 +486,11 @@ class TPT(PromptModule):
 # -- validation helpers -------------------------------------------------------------------------
 
 
-def _check_fraction(selection) -> None:
-    if not isinstance(selection, (int, float)) or isinstance(selection, bool) or not 0 < selection <= 1:
-        raise ValueError(f"selection must be a fraction in (0, 1], got {selection!r}")
-
-
 def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch) -> None:
     if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 2:
         raise ValueError(f"n_views must be an integer >= 2 (view 0 plus augmented views), got {n_views!r}")
-    _check_fraction(selection)
-    if int(n_views * selection) < 1:
-        raise ValueError(f"selection {selection} of {n_views} views keeps no view; "
-                         "int(n_views * selection) must be at least 1")
+    check_fraction(selection)
+    kept_views(n_views, selection)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
@@ -626,14 +500,3 @@ def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, imag
     for name, value in (("batch_size", batch_size), ("image_batch", image_batch)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _model_image_size(model: nn.Module) -> int:
-    size = getattr(getattr(model, "visual", None), "image_size", None)
-    if size is None:
-        raise ValueError("the model's image encoder names no image_size; pass views to adapt() instead")
-    if isinstance(size, (tuple, list)):
-        if size[0] != size[1]:
-            raise ValueError(f"non-square image size {tuple(size)} is not supported for view making")
-        size = size[0]
-    return int(size)

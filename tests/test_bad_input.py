@@ -43,6 +43,21 @@ def test_non_finite_images_are_refused_by_every_method(method, value):
             module(_poisoned(value))
 
 
+@pytest.mark.parametrize("method", list(MODULES))
+def test_bad_images_are_named_by_every_method(method):
+    module = MODULES[method]()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        module(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="pixels"):
+        module(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="pixels"):
+        module(torch.randn(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="floating point"):
+        module(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images are on meta"):
+        module(torch.empty(1, 3, 32, 32, device="meta"))
+
+
 def test_tpt_refuses_non_finite_views_and_raw_images():
     tpt = TPT(make_model(), MIXED_NAMES, n_views=4, selection=0.25, seed=0)
     views = _images(8).reshape(2, 4, 3, 32, 32)

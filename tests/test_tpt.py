@@ -13,7 +13,9 @@ from test_checkpoints import write_dassl_checkpoint
 
 import promptcore
 from promptcore.checkpoints import CheckpointError
-from promptcore.tpt import TPT, BatchedAdamW, avg_entropy, select_confident, zero_vote
+from promptcore.optim import BatchedAdamW
+from promptcore.selection import avg_entropy, select_confident, zero_vote
+from promptcore.tpt import TPT
 from promptcore.views import _apply_op, make_views, random_resized_crop_boxes
 
 LR = 5e-3
