@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import PromptModule
-from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
+from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
 from .engine import PromptSet
 from .prompts import PromptTooLongError, clean_classnames, tokenize
 
@@ -294,6 +294,7 @@ class ZeroShot(PromptModule):
         if extra or "classifier" not in tensors:
             raise CheckpointError(f"{path} must hold exactly one tensor 'classifier', it holds {sorted(tensors)}")
         classifier = tensors["classifier"]
+        check_learned_tensor("classifier", classifier, path)
         want = (len(self.classnames), self.engine.tower.output_dim)
         if tuple(classifier.shape) != want:
             raise CheckpointError(f"{path}: classifier has shape {tuple(classifier.shape)}, this model needs {want}")

@@ -171,3 +171,23 @@ def test_prompt_file_with_incomplete_metadata_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="metadata is incomplete or corrupt .*options"):
         coop.load(path)
     _unchanged(coop, snap)
+
+
+@pytest.mark.parametrize("bad", ["nan", "int"])
+def test_zeroshot_file_with_a_bad_classifier_is_refused(bad, tmp_path):
+    from promptcore.zeroshot import ZeroShot
+
+    zs = ZeroShot(make_model(), MIXED_NAMES[:3], templates=["a photo of a {}."], progress=False)
+    path = zs.save(tmp_path / "zs.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["classifier"] = BAD_VALUES[bad](tensors["classifier"])
+    save_file(tensors, str(path), metadata=metadata)
+    before = zs._text_cache
+    with pytest.raises(CheckpointError, match=PROBLEMS[bad]) as err:
+        zs.load(path)
+    assert "classifier" in str(err.value) and zs._text_cache is before
