@@ -46,7 +46,8 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _exporting() -> bool:
+def tracing_or_compiling() -> bool:
+    """Whether torch.onnx export, jit tracing/scripting or torch.compile is capturing the current call."""
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
     compiler = getattr(torch, "compiler", None)
@@ -56,7 +57,7 @@ def _exporting() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Decide whether an op over ``tensors`` runs its Triton kernel (True) or the reference."""
     choice = requested_backend()
-    if choice == "torch" or _exporting():
+    if choice == "torch" or tracing_or_compiling():
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     runnable = triton_available() and (on_cuda or interpreter_enabled())

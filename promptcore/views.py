@@ -35,6 +35,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from promptcore.kernels.backend import tracing_or_compiling
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
@@ -103,7 +105,7 @@ def require_finite(images: torch.Tensor, what: str = "images") -> None:
     that would steer the view selection). Skipped while tracing or compiling: the check needs a
     device-to-host sync and data-dependent control flow.
     """
-    if not images.is_floating_point() or images.numel() == 0 or _tracing():
+    if not images.is_floating_point() or images.numel() == 0 or tracing_or_compiling():
         return
     finite = torch.isfinite(images).flatten(1).all(dim=1) if images.dim() > 1 else torch.isfinite(images)
     if bool(finite.all()):
@@ -112,12 +114,6 @@ def require_finite(images: torch.Tensor, what: str = "images") -> None:
     shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
     raise ValueError(f"{what}: NaN or Inf values in image {shown}; promptcore refuses non-finite input "
                      "rather than return NaN logits")
-
-
-def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-                or (compiler is not None and compiler.is_compiling()))
 
 
 def as_image_list(images) -> List[torch.Tensor]:
