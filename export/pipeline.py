@@ -36,30 +36,15 @@ def register_model_config(path) -> str:
     return path.stem
 
 
-def options_from_official(method: str, state: Dict[str, torch.Tensor]) -> Dict[str, object]:
-    """Options an official checkpoint implies (context length, class-specific context, depth)."""
-    ctx = state["ctx"]
-    if method == "coop":
-        return {"n_ctx": int(ctx.shape[-2]), "csc": ctx.dim() == 3}
-    if method == "cocoop":
-        n_ctx = int(ctx.shape[0])
-        return {"n_ctx": n_ctx, "ctx_init": "a photo of a" if n_ctx == 4 else None}
-    if method == "maple":
-        depth = 1 + len([k for k in state if k.startswith("compound_prompts_text.")])
-        return {"n_ctx": int(ctx.shape[0]), "depth": depth}
-    return {}
-
-
-def classes_disagreement(module, state: Dict[str, torch.Tensor]) -> Optional[str]:
+def classes_disagreement(module, suffix: Optional[torch.Tensor]) -> Optional[str]:
     """Compare the class list with the training classes an official checkpoint records.
 
-    Official prompt learners save ``token_suffix``: the token embeddings of the training prompts
-    after SOS and the context. Returns a reason when they differ, None when they match or the
-    checkpoint records none.
+    Official prompt learners save ``token_suffix`` (:attr:`promptcore.official.OfficialCheckpoint.token_suffix`):
+    the token embeddings of the training prompts after SOS and the context. Returns a reason when they
+    differ, None when they match or the checkpoint records none.
     """
     from promptcore.prompts import clean_classnames, context_prompts
 
-    suffix = state.get("token_suffix")
     if suffix is None:
         return None
     names = clean_classnames(module.classnames)
@@ -87,8 +72,8 @@ def classes_disagreement(module, state: Dict[str, torch.Tensor]) -> Optional[str
 def build_from_checkpoint(method: str, model, tokenizer, checkpoint, classnames: Optional[List[str]],
                           options: Optional[Dict[str, object]] = None, allow_new_classes: bool = False):
     """A promptcore module with the prompts of ``checkpoint`` (official Dassl file/folder or promptcore file)."""
-    from promptcore.checkpoints import check_method, official_state_dict
     from promptcore.methods import get_method
+    from promptcore.official import read_official
 
     cls = get_method(method)
     if method == "tpt" or method not in EXPORTABLE:
@@ -111,20 +96,18 @@ def build_from_checkpoint(method: str, model, tokenizer, checkpoint, classnames:
         return module
     if classnames is None:
         raise ExportError("an official checkpoint records no class names: pass a class-name file")
-    state, file, _ = official_state_dict(path)
-    check_method(state, method, file)
-    implied = options_from_official(method, state)
+    ckpt = read_official(path, method)
+    implied = ckpt.options()
     for key, value in options.items():
         if key in implied and key != "ctx_init" and implied[key] != value:
-            raise ExportError(f"{key}={value} disagrees with {file}, whose prompts have {key}={implied[key]}")
-    merged = {**implied, **options}
-    module = cls(model, classnames, tokenizer=tokenizer, **merged)
+            raise ExportError(f"{key}={value} disagrees with {ckpt.file}, whose prompts have {key}={implied[key]}")
+    module = cls(model, classnames, tokenizer=tokenizer, **{**implied, **options})
     if not allow_new_classes:
-        reason = classes_disagreement(module, state)
+        reason = classes_disagreement(module, ckpt.token_suffix)
         if reason is not None:
-            raise ExportError(f"the class file disagrees with {file}: {reason} (pass --allow-new-classes for "
+            raise ExportError(f"the class file disagrees with {ckpt.file}: {reason} (pass --allow-new-classes for "
                               "base-to-new evaluation)")
-    module.load_official(file)
+    module.load_official(ckpt)  # the file is read once
     return module
 
 

@@ -3,16 +3,17 @@ checks, cosine scoring, the eval-mode text cache and promptcore's own prompt fil
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from promptcore.kernels import cosine_logits
 
-from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file, shape_mismatch
+from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
 from .engine import PromptSet, TextEngine
 from .models import image_size
+from .official import LearnerSpec
 from .prompts import clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
 
@@ -157,34 +158,22 @@ class PromptModule(nn.Module):
         self._load_learner_state(tensors, path)
         return meta
 
-    def _load_learner_state(self, state: Dict[str, torch.Tensor], source, strict: bool = True) -> None:
-        """Copy ``state`` into the prompt learner after checking every key and shape.
+    def _load_learner_state(self, state: Dict[str, torch.Tensor], source, strict: bool = True,
+                            before_copy: Optional[Callable[[], Any]] = None) -> Any:
+        """Copy ``state`` into the prompt learner after checking every key, value and shape against the
+        learner's description (:class:`promptcore.official.LearnerSpec`; ``strict`` as there).
 
-        ``strict`` refuses tensors the learner lacks (e.g. a deeper MaPLe file: loading only the common
-        part would be wrong); ``strict=False`` ignores them, as the official loaders do.
+        ``before_copy`` runs after those checks and before anything changes (more checks that may raise);
+        its result is returned.
         """
+        checked = LearnerSpec.of(self).check(state, source, strict)
+        result = before_copy() if before_copy is not None else None
         own = self.prompt_learner.state_dict()
-        unexpected = sorted(set(state) - set(own))
-        if strict and unexpected:
-            raise CheckpointError(self._unexpected_message(unexpected, state, source))
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise CheckpointError(f"{source} lacks {', '.join(missing)}")
-        for key, target in own.items():
-            value = state[key]
-            check_learned_tensor(key, value, source)
-            if tuple(value.shape) != tuple(target.shape):
-                raise CheckpointError(self._shape_message(key, tuple(value.shape), tuple(target.shape), source))
         with torch.no_grad():
             for key, target in own.items():
-                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+                target.copy_(checked[key].to(device=target.device, dtype=target.dtype))
         self.clear_cache()
-
-    def _unexpected_message(self, unexpected, state: Dict[str, torch.Tensor], source) -> str:
-        return f"{source} holds tensors this {type(self).__name__} does not have: {', '.join(unexpected)}"
-
-    def _shape_message(self, key: str, got: tuple, want: tuple, source) -> str:
-        return shape_mismatch(key, got, want, source, type(self).__name__)
+        return result
 
     @classmethod
     def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):

@@ -1,4 +1,4 @@
-"""Checkpoints: official Dassl files (read without executing pickled code) and promptcore files.
+"""Checkpoint files: official Dassl archives (read without executing pickled code) and promptcore files.
 
 Dassl's ``model.pth.tar-N`` is a ``torch.save`` zip archive holding ``{"state_dict", "epoch",
 "optimizer", "scheduler", "val_result"}``; its scheduler entry pickles LR-scheduler and optimizer
@@ -8,7 +8,8 @@ archive itself: tensors and plain containers are rebuilt; objects of known train
 global (``os.system``, ``builtins.eval``, ...) stops the load with :class:`UnsafeCheckpointError`.
 
 promptcore's own prompt files are safetensors with JSON metadata (method, options, class
-names, model name), written atomically.
+names, model name), written atomically. Adapting an official file to a method's prompt learner is
+:mod:`promptcore.official`'s job.
 """
 
 from __future__ import annotations
@@ -211,31 +212,6 @@ def resolve_checkpoint(path) -> Path:
     raise FileNotFoundError(f"no model.pth.tar-N or model-best.pth.tar under {p}")
 
 
-def official_state_dict(path) -> Tuple[Dict[str, torch.Tensor], Path, Dict[str, Any]]:
-    """The prompt-learner tensors of an official (Dassl) checkpoint, keys as the prompt learner names them.
-
-    Whole-model files (MaPLe) are reduced to their ``prompt_learner.*`` entries; a ``module.``
-    prefix (DataParallel) is dropped. Returns (state_dict, file, other top-level entries).
-    """
-    file = resolve_checkpoint(path)
-    ckpt = read_torch_checkpoint(file)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-        info = {k: v for k, v in ckpt.items() if k in ("epoch", "val_result")}
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        state, info = ckpt, {}
-    else:
-        raise CheckpointError(f"{file} holds no state_dict")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: state_dict is a {type(state).__name__}, not a mapping")
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    learner = {k[len("prompt_learner."):]: v for k, v in state.items() if k.startswith("prompt_learner.")}
-    if learner:
-        info["full_model_keys"] = {k: v for k, v in state.items() if not k.startswith("prompt_learner.")}
-        state = learner
-    return state, file, info
-
-
 def check_learned_tensor(key: str, value: Any, source) -> None:
     """Refuse a learned tensor that is not a finite real floating-point tensor, naming file, key and problem.
 
@@ -251,59 +227,6 @@ def check_learned_tensor(key: str, value: Any, source) -> None:
         bad = int((~torch.isfinite(value)).sum())
         kinds = " and ".join(k for k, m in (("NaN", torch.isnan(value)), ("Inf", torch.isinf(value))) if bool(m.any()))
         raise CheckpointError(f"{source}: {key} holds {bad} non-finite value(s) ({kinds}) of {value.numel()}")
-
-
-def describe_shape(key: str, shape: tuple, generic_word: bool = False) -> str:
-    """Words for a learned tensor's shape in error messages, one description per kind of tensor.
-
-    ``ctx``: "n_ctx=4, width=512" (``generic_word``: "generic, n_ctx=..." where contexts may also be
-    class-specific), "class-specific for 7 classes, n_ctx=..."; the meta-net's linear layers by their
-    sizes; anything else by its shape.
-    """
-    if key == "ctx" and len(shape) == 3:
-        return f"class-specific for {shape[0]} classes, n_ctx={shape[1]}, width={shape[2]}"
-    if key == "ctx" and len(shape) == 2:
-        return f"{'generic, ' if generic_word else ''}n_ctx={shape[0]}, width={shape[1]}"
-    if key.startswith("meta_net.") and key.endswith("linear1.weight") and len(shape) == 2:
-        return f"image feature dim {shape[1]} -> hidden {shape[0]}"
-    if key.startswith("meta_net.") and key.endswith("linear2.weight") and len(shape) == 2:
-        return f"hidden {shape[1]} -> width {shape[0]}"
-    return f"shape {shape}"
-
-
-def shape_mismatch(key: str, got: tuple, want: tuple, source, owner: str, generic_word: bool = False) -> str:
-    """The error message for a learned tensor of the wrong shape: what the file holds, what ``owner`` has."""
-    what = key if key == "ctx" or not key.startswith("meta_net.") else f"meta-net {key}"
-    return (f"{source}: checkpoint {what} is {describe_shape(key, got, generic_word)}, "
-            f"this {owner} has {describe_shape(key, want, generic_word)}")
-
-
-def detect_method(state: Dict[str, torch.Tensor]) -> str:
-    """Which method's prompt learner a state dict belongs to ("coop", "cocoop", "maple" or "unknown")."""
-    keys = set(state)
-    if any(k.startswith("compound_prompts_text") or k.startswith("compound_prompt_projections") for k in keys) \
-            or "proj.weight" in keys:
-        return "maple"
-    if any(k.startswith("meta_net.") for k in keys):
-        return "cocoop"
-    if "ctx" in keys:
-        return "coop"
-    return "unknown"
-
-
-METHOD_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "tpt": "TPT"}
-
-
-def check_method(state: Dict[str, torch.Tensor], expected: str, source) -> None:
-    """Raise a clear error when ``state`` belongs to another method than ``expected``."""
-    found = detect_method(state)
-    if found == "unknown":
-        raise CheckpointError(f"{source} holds no prompt-learner context ('ctx'); keys: {sorted(state)[:8]}")
-    if found != expected:
-        raise CheckpointError(
-            f"{source} holds {METHOD_NAMES[found]} prompts, not {METHOD_NAMES[expected]}; "
-            f"load it with promptcore.{METHOD_NAMES[found]}"
-        )
 
 
 # -- promptcore's own files -------------------------------------------------------------------

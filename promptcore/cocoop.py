@@ -17,13 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import PromptModule
-from .checkpoints import check_method, official_state_dict
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim
+from .official import read_official
 from .prompts import clean_classnames, init_context
-
-# Saved by the official trainer (embeddings of the training classes) and dropped on load, as officially.
-_FIXED_TOKEN_KEYS = ("token_prefix", "token_suffix")
 
 
 def grouped_cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -187,15 +184,14 @@ class CoCoOp(PromptModule):
     # -- official checkpoints -----------------------------------------------------------------
 
     def load_official(self, path) -> Dict[str, Any]:
-        """Load a KaiyangZhou/CoOp CoCoOp checkpoint (``prompt_learner/model.pth.tar-N`` or its folder).
+        """Load a KaiyangZhou/CoOp CoCoOp checkpoint (``prompt_learner/model.pth.tar-N``, its folder, or an
+        :class:`~promptcore.official.OfficialCheckpoint` already read).
 
         Reads ``ctx`` and ``meta_net.*``; the saved ``token_prefix``/``token_suffix`` (embeddings of
         the training classes) are dropped, as the official ``load_model`` does. CoOp or MaPLe files
         and shape mismatches raise :class:`CheckpointError` and change nothing. Returns the file's
         epoch and path.
         """
-        state, file, info = official_state_dict(path)
-        check_method(state, "cocoop", file)
-        learned = {k: v for k, v in state.items() if k not in _FIXED_TOKEN_KEYS}
-        self._load_learner_state(learned, file, strict=False)  # extra keys ignored, as officially
-        return {"file": str(file), "epoch": info.get("epoch")}
+        ckpt = read_official(path, "cocoop")
+        self._load_learner_state(ckpt.learner, ckpt.file, ckpt.strict)  # other keys ignored, as officially
+        return ckpt.info()

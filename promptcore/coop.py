@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from .base import PromptModule
-from .checkpoints import CheckpointError, check_method, official_state_dict, shape_mismatch
 from .engine import PromptSet
+from .official import read_official
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 
 
@@ -90,20 +90,12 @@ class CoOp(PromptModule):
         return self.logits(image_features, self.text_features())
 
     def load_official(self, path) -> Dict[str, Any]:
-        """Load a KaiyangZhou/CoOp checkpoint (``prompt_learner/model.pth.tar-N`` or its folder).
+        """Load a KaiyangZhou/CoOp checkpoint (``prompt_learner/model.pth.tar-N``, its folder, or an
+        :class:`~promptcore.official.OfficialCheckpoint` already read); nothing changes on any error.
 
         The saved ``token_prefix``/``token_suffix`` (embeddings of the training classes) are
         dropped, as the official ``load_model`` does. Returns the file's epoch and path.
         """
-        state, file, info = official_state_dict(path)
-        check_method(state, "coop", file)
-        ctx = state["ctx"]
-        own = self.prompt_learner.ctx
-        if tuple(ctx.shape) != tuple(own.shape):
-            raise CheckpointError(self._shape_message("ctx", tuple(ctx.shape), tuple(own.shape), file))
-        self._load_learner_state({"ctx": ctx}, file)
-        return {"file": str(file), "epoch": info.get("epoch")}
-
-    def _shape_message(self, key, got, want, source) -> str:
-        # a CoOp context is generic or class-specific: the message says which
-        return shape_mismatch(key, got, want, source, "CoOp", generic_word=True)
+        ckpt = read_official(path, "coop")
+        self._load_learner_state(ckpt.learner, ckpt.file, ckpt.strict)
+        return ckpt.info()

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .base import PromptModule
-from .checkpoints import CheckpointError, check_method, official_state_dict
 from .engine import LayerPrompts, PromptSet
+from .official import check_clip_tensors, read_official
 from .prompts import clean_classnames, count_tokens, tokenize
 from .tower import UnsupportedModelError
 
@@ -248,7 +248,8 @@ class MaPLe(PromptModule):
     # -- official checkpoints -----------------------------------------------------------------
 
     def load_official(self, path) -> Dict[str, Any]:
-        """Load an official MaPLe checkpoint (``MultiModalPromptLearner/model.pth.tar-N`` or its folder).
+        """Load an official MaPLe checkpoint (``MultiModalPromptLearner/model.pth.tar-N``, its folder, or an
+        :class:`~promptcore.official.OfficialCheckpoint` already read).
 
         Only ``prompt_learner.*`` is loaded (``token_prefix``/``token_suffix`` are dropped, as the
         official ``load_model`` does). The CLIP weights saved beside it (``image_encoder.*``,
@@ -256,51 +257,12 @@ class MaPLe(PromptModule):
         rounding; otherwise the first differing key is named. Nothing changes on any error.
         Returns the file, its epoch and how many CLIP tensors were checked.
         """
-        state, file, info = official_state_dict(path)
-        check_method(state, "maple", file)
-        token_prefix = state.get("token_prefix")
-        state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}
-        self._check_learner_layout(state, file)
-        checked = self._check_clip_weights(info.get("full_model_keys") or {}, token_prefix, file)
-        self._load_learner_state(state, file)
-        return {"file": str(file), "epoch": info.get("epoch"), "clip_tensors_checked": checked}
-
-    def _check_learner_layout(self, state: Dict[str, torch.Tensor], source) -> None:
-        """Clear errors for n_ctx, width and depth mismatches before any shape-by-shape check."""
-        tower = self.engine.tower
-        for key in ("ctx", "proj.weight"):
-            if key not in state:
-                raise CheckpointError(f"{source} lacks prompt_learner.{key}")
-        ctx = state["ctx"]
-        if ctx.dim() != 2:
-            raise CheckpointError(f"{source}: ctx has shape {tuple(ctx.shape)}, MaPLe's is (n_ctx, text width)")
-        if ctx.shape[1] != tower.width:
-            raise CheckpointError(f"{source} was trained on a text tower of width {ctx.shape[1]}; "
-                                  f"this model's text width is {tower.width}")
-        if ctx.shape[0] != self.n_ctx:
-            raise CheckpointError(f"{source} has n_ctx={ctx.shape[0]}, this MaPLe has n_ctx={self.n_ctx} "
-                                  f"(build it with n_ctx={ctx.shape[0]})")
-        proj = state["proj.weight"]
-        if proj.dim() != 2 or proj.shape[1] != tower.width or proj.shape[0] != self.vision_width:
-            raise CheckpointError(f"{source}: proj maps width {tuple(proj.shape)[1:]} to {proj.shape[0]}; this model "
-                                  f"maps text width {tower.width} to vision width {self.vision_width}")
-        text_idx = {int(k.split(".")[1]) for k in state if k.startswith("compound_prompts_text.")}
-        proj_idx = {int(k.split(".")[1]) for k in state if k.startswith("compound_prompt_projections.")}
-        if text_idx != proj_idx or text_idx != set(range(len(text_idx))):
-            raise CheckpointError(f"{source}: inconsistent deep prompts (compound_prompts_text {sorted(text_idx)}, "
-                                  f"compound_prompt_projections {sorted(proj_idx)})")
-        file_depth = len(text_idx) + 1
-        if file_depth != self.depth:
-            raise CheckpointError(f"{source} has prompt depth {file_depth}, this MaPLe has depth {self.depth} "
-                                  f"(build it with depth={file_depth})")
-        unexpected = sorted(set(state) - set(self.prompt_learner.state_dict()))
-        if unexpected:
-            raise CheckpointError(f"{source} holds prompt-learner keys MaPLe does not know: {', '.join(unexpected)}")
-
-    def _unexpected_message(self, unexpected, state: Dict[str, torch.Tensor], source) -> str:
-        depth = 1 + len([k for k in state if k.startswith("compound_prompts_text.")])
-        return (f"{source} holds {', '.join(unexpected[:4])}, which this MaPLe lacks "
-                f"(file depth {depth}, this module's depth {self.depth})")
+        ckpt = read_official(path, "maple")
+        sos_embedding = self.engine.tower.token_embedding.weight[self.prompt_learner.prompts.ids[0, 0]].detach()
+        # the CLIP check runs after the prompt tensors' own checks and before anything changes
+        checked = self._load_learner_state(ckpt.learner, ckpt.file, ckpt.strict, before_copy=lambda: check_clip_tensors(
+            ckpt, self._official_clip_tensors(), sos_embedding))
+        return {**ckpt.info(), "clip_tensors_checked": checked}
 
     def _official_clip_tensors(self) -> Dict[str, torch.Tensor]:
         """This model's CLIP tensors under the official ``CustomCLIP`` names."""
@@ -311,52 +273,3 @@ class MaPLe(PromptModule):
                 out[f"text_encoder.{k}"] = v
         out["logit_scale"] = self.model.logit_scale
         return out
-
-    def _check_clip_weights(self, saved: Dict[str, torch.Tensor], token_prefix: Optional[torch.Tensor],
-                            source) -> int:
-        if not saved:
-            return 0
-        own = self._official_clip_tensors()
-        for key, value in saved.items():
-            if key not in own:
-                raise CheckpointError(f"{source}: CLIP weights differ from this model: the checkpoint holds {key}, "
-                                      "which this model lacks (was it trained on another CLIP?)")
-            target = own[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise CheckpointError(f"{source}: CLIP weights differ from this model: {key} has shape {shape}, "
-                                      f"the model's is {tuple(target.shape)}")
-            if not _same_weights(value, target):
-                raise CheckpointError(f"{source}: CLIP weights differ from this model, first at {key} "
-                                      f"(max abs difference {_max_diff(value, target):.3g}); load it into the CLIP "
-                                      "the prompts were trained with")
-        missing = [k for k in own if k not in saved]
-        if missing:
-            raise CheckpointError(f"{source}: CLIP weights differ from this model: the checkpoint lacks {missing[0]}")
-        if token_prefix is not None and token_prefix.dim() == 3 and token_prefix.shape[-1] == self.engine.tower.width:
-            sos = self.prompt_learner.prompts.ids[0, 0]
-            target = self.engine.tower.token_embedding.weight[sos].detach()
-            if not all(_same_weights(row, target) for row in token_prefix[:, 0]):
-                raise CheckpointError(f"{source}: CLIP weights differ from this model, first at "
-                                      "prompt_learner.token_prefix (the start-of-text embedding)")
-        return len(saved)
-
-
-def _same_weights(saved: torch.Tensor, own: torch.Tensor) -> bool:
-    """Equal exactly, or equal up to rounding to the coarser of the two dtypes (fp16 checkpoints of fp32 CLIP)."""
-    a = saved.detach().to("cpu")
-    b = own.detach().to("cpu")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        return torch.equal(a, b.to(a.dtype))
-    coarse = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
-    a32, b32 = a.float(), b.float()
-    if torch.equal(a.to(coarse), b.to(coarse)):
-        return True
-    info = torch.finfo(coarse)
-    # One unit of rounding in the coarse dtype (double rounding, e.g. fp32 -> fp16 -> bf16), subnormals included.
-    allowed = info.eps * b32.abs() + info.smallest_normal * info.eps
-    return bool(((a32 - b32).abs() <= allowed).all())
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()

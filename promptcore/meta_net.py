@@ -7,10 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Tuple
 
-import torch
 import torch.nn as nn
-
-from .checkpoints import CheckpointError, check_learned_tensor, shape_mismatch
 
 
 def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
@@ -40,14 +37,3 @@ def meta_net_shapes(vis_dim: int, ctx_dim: int, prefix: str = "meta_net.") -> Di
     return {f"{prefix}linear1.weight": (hidden, vis_dim), f"{prefix}linear1.bias": (hidden,),
             f"{prefix}linear2.weight": (ctx_dim, hidden), f"{prefix}linear2.bias": (ctx_dim,)}
 
-
-def check_meta_net_state(state: Dict[str, torch.Tensor], vis_dim: int, ctx_dim: int, source, owner: str) -> None:
-    """Raise a :class:`CheckpointError` unless ``state`` holds every ``meta_net.*`` tensor, finite and floating,
-    in the shapes of a meta-net for ``vis_dim`` -> ``ctx_dim`` (``owner`` names the module in messages)."""
-    for key, want in meta_net_shapes(vis_dim, ctx_dim).items():
-        if key not in state:
-            raise CheckpointError(f"{source} lacks {key}")
-        check_learned_tensor(key, state[key], source)
-        got = tuple(state[key].shape)
-        if got != want:
-            raise CheckpointError(shape_mismatch(key, got, want, source, owner))

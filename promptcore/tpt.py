@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -37,18 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import PromptModule
-from .checkpoints import (
-    CheckpointError,
-    check_learned_tensor,
-    check_method,
-    detect_method,
-    official_state_dict,
-    read_prompt_file,
-    shape_mismatch,
-)
+from .checkpoints import CheckpointError, read_prompt_file
 from .engine import PromptSet
-from .meta_net import build_meta_net, check_meta_net_state, image_feature_dim, meta_net_shapes
+from .meta_net import build_meta_net, image_feature_dim, meta_net_shapes
 from .models import square_image_size
+from .official import LearnerSpec, OfficialCheckpoint, read_context_source
 from .optim import BatchedAdamW
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
 from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
@@ -404,42 +396,39 @@ class TPT(PromptModule):
         """Initialise from a CoOp context: an official KaiyangZhou/CoOp checkpoint (file or folder) or a
         promptcore CoOp prompt file (``.safetensors``). Its ``ctx`` must be generic (n_ctx, D) with this
         TPT's n_ctx (the official script asserts the same). Nothing changes on error."""
-        ctx, source, info = self._read_ctx(path, "coop")
-        self._set_initial_ctx(ctx, source)
-        if self.prompt_learner.meta_net is not None:
-            self.prompt_learner.meta_net = None
-        self.clear_cache()
-        return {"file": str(source), "epoch": info.get("epoch"), "method": "coop"}
+        return self._init_from(read_context_source(path, "coop"))
 
     def init_from_cocoop(self, path) -> Dict[str, Any]:
         """Initialise from a CoCoOp checkpoint: ``ctx`` and ``meta_net``. As the official TPT+CoCoOp, each
         image's initial context is ``ctx + meta_net(f0)`` with f0 the view-0 image feature (unnormalised
         unless ``meta_net_input="normalized"``), and that shifted context is what TPT tunes."""
-        state, source, info = self._read_state(path)
-        check_method(state, "cocoop", source)
-        tower = self.engine.tower
-        vis_dim = image_feature_dim(self.model, tower.output_dim)
-        check_meta_net_state(state, vis_dim, tower.width, source, "TPT")
-        self._check_ctx(state["ctx"], source)
-        self._add_meta_net()
-        meta = self.prompt_learner.meta_net
-        with torch.no_grad():
-            for key in meta_net_shapes(vis_dim, tower.width):
-                meta.get_parameter(key[len("meta_net."):]).copy_(state[key])
-        self._set_initial_ctx(state["ctx"], source)
-        self.clear_cache()
-        return {"file": str(source), "epoch": info.get("epoch"), "method": "cocoop"}
+        return self._init_from(read_context_source(path, "cocoop"))
 
     def load_official(self, path) -> Dict[str, Any]:
         """Initialise from an official CoOp or CoCoOp checkpoint (whichever it holds)."""
-        state, source, _ = self._read_state(path)
-        method = detect_method(state)
-        if method == "cocoop":
-            return self.init_from_cocoop(path)
-        if method == "coop":
-            return self.init_from_coop(path)
-        check_method(state, "coop", source)  # raises a clear error naming what it holds
-        raise CheckpointError(f"{source} holds no CoOp or CoCoOp context")
+        return self._init_from(read_context_source(path, ("coop", "cocoop")))
+
+    def _init_from(self, ckpt: OfficialCheckpoint) -> Dict[str, Any]:
+        """Take the initial context (and a CoCoOp file's meta-net) after checking every tensor against
+        what this TPT holds; nothing changes on error."""
+        tower = self.engine.tower
+        shapes = {"ctx": tuple(self.prompt_learner.ctx.shape)}
+        if ckpt.method == "cocoop":
+            shapes.update(meta_net_shapes(image_feature_dim(self.model, tower.output_dim), tower.width))
+        state = LearnerSpec.of(self, shapes).check(ckpt.learner, ckpt.file, strict=False)
+        if ckpt.method == "cocoop":
+            self._add_meta_net()  # a fresh one, assigned once built
+            meta = self.prompt_learner.meta_net
+            with torch.no_grad():
+                for key in shapes:
+                    if key.startswith("meta_net."):
+                        meta.get_parameter(key[len("meta_net."):]).copy_(state[key])
+        else:
+            self.prompt_learner.meta_net = None
+        with torch.no_grad():
+            self.prompt_learner.ctx.copy_(state["ctx"].to(self.prompt_learner.ctx.dtype))
+        self.clear_cache()
+        return {**ckpt.info(), "method": ckpt.method}
 
     def load(self, path) -> Dict[str, Any]:
         """Load a promptcore TPT prompt file (adds the meta-net first when the file holds one)."""
@@ -453,34 +442,6 @@ class TPT(PromptModule):
             if meta["method"] == self.method and not any(k.startswith("meta_net.") for k in tensors):
                 self.prompt_learner.meta_net = None
             raise
-
-    def _read_state(self, path):
-        if str(path).endswith(".safetensors"):
-            tensors, meta = read_prompt_file(path)
-            return tensors, Path(path), {}
-        return official_state_dict(path)
-
-    def _read_ctx(self, path, method: str):
-        state, source, info = self._read_state(path)
-        check_method(state, method, source)
-        self._check_ctx(state["ctx"], source)
-        return state["ctx"], source, info
-
-    def _check_ctx(self, ctx: torch.Tensor, source) -> None:
-        check_learned_tensor("ctx", ctx, source)
-        own = tuple(self.prompt_learner.ctx.shape)
-        got = tuple(ctx.shape)
-        if len(got) == 3:
-            raise CheckpointError(f"{source}: the context is class-specific ({got[0]} classes); TPT tunes one "
-                                  "generic context per image")
-        if got != own:
-            raise CheckpointError(f"{shape_mismatch('ctx', got, own, source, 'TPT')} "
-                                  f"(construct it with n_ctx={got[0]}, ctx_init=None)")
-
-    def _set_initial_ctx(self, ctx: torch.Tensor, source) -> None:
-        self._check_ctx(ctx, source)
-        with torch.no_grad():
-            self.prompt_learner.ctx.copy_(ctx.to(self.prompt_learner.ctx.dtype))
 
 
 # -- validation helpers -------------------------------------------------------------------------

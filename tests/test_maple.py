@@ -517,7 +517,8 @@ def test_checkpoint_with_other_clip_weights_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(depth=2), "prompt depth 2, this MaPLe has depth 3"),
+    (dict(depth=2), r"lacks compound_prompts_text.1, .*\(the checkpoint has depth=2, this MaPLe has depth=3: "
+                     r"build it with depth=2\)"),
     (dict(n_ctx=3), "n_ctx=3, this MaPLe has n_ctx=2"),
 ])
 def test_checkpoint_layout_mismatch(tmp_path, change, match):
