@@ -287,7 +287,7 @@ class LearnerSpec:
         return f"build it with {_options_words(options)}"
 
     def _layout_hint(self, state: Mapping[str, Any]) -> str:
-        """" (the checkpoint has depth=2, this MaPLe has depth=3: build it with depth=2)", or "" when the
+        """E.g. ' (the checkpoint has depth=2, this MaPLe has depth=3: build it with depth=2)'; '' when the
         file's prompts have this module's layout."""
         theirs, ours = self._layout_difference(state)
         if not theirs:
