@@ -335,20 +335,16 @@ def _row_norms(x: torch.Tensor, sx_g: int) -> torch.Tensor:
 
 
 def _fwd_blocks(img: torch.Tensor, txt: torch.Tensor) -> dict:
-    """Tiles of the logits kernel: fp32 (3xTF32) and unaligned inputs get half the fp16/bf16 tile;
+    """Tiles of the logits kernel: fp32 (3xTF32) and unaligned inputs get half the fp16/bf16 tile; aligned
     groups of at most 16 images (CoCoOp: one) get 16-row tiles instead of mostly empty 64-row ones."""
     if INTERPRETED:
         return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32)  # few, large programs
-    few_rows = img.shape[-2] <= 16
-    if not vector_aligned(img, txt):
-        cfg = dict(BLOCK_B=32, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
-    elif img.dtype == torch.float32 or txt.dtype != img.dtype:
-        cfg = dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_B=64, BLOCK_N=128, BLOCK_E=64, num_warps=8, num_stages=3)
-    if few_rows:
-        cfg.update(BLOCK_B=16, num_warps=4)
-    return cfg
+    if not vector_aligned(img, txt):  # (16-row tiles spilled here: fp32, sm_90, Triton 3.8)
+        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
+    block_b = 16 if img.shape[-2] <= 16 else 64
+    if img.dtype == torch.float32 or txt.dtype != img.dtype:
+        return dict(BLOCK_B=block_b, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_B=block_b, BLOCK_N=128, BLOCK_E=64, num_warps=8 if block_b == 64 else 4, num_stages=3)
 
 
 def _cosine_logits_fwd(img, txt, logit_scale, with_stats, out_dtype: Optional[torch.dtype] = None):
@@ -413,8 +409,8 @@ def _normalised_grad(dlogits_view, x, y, y_norm, logit_scale, sg_m, sg_n, sg_g=0
     upcast = not dot_in_input_dtype(dlogits_view) or dlogits_view.dtype != y.dtype
     if INTERPRETED or vector_aligned(dlogits_view, y):
         bm, bn, be = 64, 32, 64
-    else:
-        bm, bn, be = 32, 32, 32
+    else:  # scalar loads; fp32 (3xTF32) operands spilled 8 B on sm_80 at BLOCK_N=32 once group strides came in
+        bm, bn, be = 32, 16 if upcast else 32, 32
     grid = (triton.cdiv(M, bm) * groups, triton.cdiv(E, be))
     _cosine_logits_bwd_kernel[grid](
         dxh, dxh.stride(0), dxh.stride(1),
@@ -445,7 +441,9 @@ def _l2_normalize_bwd(dxh, x, norm):
         dxh3, dxh3.stride(0), dxh3.stride(1),
         x, sx_g, x.stride(1),
         norm, 0 if sx_g == 0 else M, M, E, NORM_EPS,
-        RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r, BLOCK_E=_row_block(E, dx, dxh3, x),
+        # fp32 rows at 128 columns spilled 8 B on sm_90 (Triton 3.8): fp32 takes half the columns
+        RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r,
+        BLOCK_E=min(_row_block(E, dx, dxh3, x), 64 if x.dtype == torch.float32 else 128),
         num_warps=8,  # 4 warps left ptxas (Triton 3.9, sm_90) spilling the fp16 variant at 80 registers
     )
     return (dx[0], rowdot[0]) if flat else (dx, rowdot)
