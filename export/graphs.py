@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promptcore.kernels import cosine_logits
+
 EXPORTABLE = ("coop", "cocoop", "maple", "zeroshot")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -46,9 +48,16 @@ class ClassMatrixGraph(nn.Module):
 
     def forward(self, images: torch.Tensor):
         feats = self.module.encode_images(images)
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        logits = self.scale * (feats @ self.class_matrix.t())
-        return (logits, feats) if self.with_features else logits
+        if feats.dtype == torch.float32:
+            # the one scoring op (its reference while exporting); the scale buffer holds exp(logit_scale)
+            logits = cosine_logits(feats, self.class_matrix, self.scale.log())
+        else:
+            # fp16: the op's fp32 scoring after the fp16 encoder makes onnxruntime's CPU NCHWc layout pass
+            # (ORT_ENABLE_ALL) segfault at session creation, so the scoring stays in the graph's one dtype
+            logits = self.scale * ((feats / feats.norm(dim=-1, keepdim=True)) @ self.class_matrix.t())
+        if not self.with_features:
+            return logits
+        return logits, feats / feats.norm(dim=-1, keepdim=True)
 
 
 class ImageConditionedGraph(nn.Module):

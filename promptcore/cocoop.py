@@ -16,24 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from promptcore.kernels import cosine_logits
+
 from .base import PromptModule
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim
 from .official import read_official
 from .prompts import clean_classnames, init_context
-
-
-def grouped_cosine_logits(image_features: torch.Tensor, text_features: torch.Tensor,
-                          logit_scale) -> torch.Tensor:
-    """``logits[b] = exp(logit_scale) * normalize(img[b]) @ normalize(txt[b]).T`` for per-image classes.
-
-    ``image_features`` (B, E), ``text_features`` (B, C, E); returns (B, C) in the image features'
-    dtype, with norms and products in fp32 (as :func:`promptcore.kernels.cosine_logits_ref`).
-    """
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale).float().exp()
-    return (scale * torch.einsum("be,bce->bc", img, txt)).to(image_features.dtype)
 
 
 class CoCoOpPromptLearner(nn.Module):
@@ -173,7 +162,8 @@ class CoCoOp(PromptModule):
             rows = [self.logits(image_features[i:i + 1], self._encode_one_naive(image_features[i]))[0]
                     for i in range(len(image_features))]
             return torch.stack(rows)
-        return grouped_cosine_logits(image_features, self.encode_text(image_features, path, max_images), scale)
+        text = self.encode_text(image_features, path, max_images)  # (B, n_cls, E): each image its own classes
+        return cosine_logits(image_features.unsqueeze(1), text, scale)[:, 0]
 
     def forward(self, images: torch.Tensor, text_path: Optional[str] = None,
                 max_images: Optional[int] = None) -> torch.Tensor:

@@ -1,10 +1,16 @@
 """Confident-view selection shared by TPT and ZERO: softmax entropies, the lowest-entropy views,
 the entropy of the mean probability (TPT's loss) and ZERO's vote (azshue/TPT ``select_confident_samples``
-and ``avg_entropy``; ZERO's ``greedy_break``)."""
+and ``avg_entropy``; ZERO's ``greedy_break``).
+
+TPT and ZERO pass the per-view entropies and argmaxes that :func:`promptcore.kernels.cosine_logits`
+computes with the logits (``with_entropy=True``: fused into the scoring kernel on a GPU);
+:func:`view_entropy` is the same formula for logits that come without them.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +37,24 @@ def view_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def select_confident(logits: torch.Tensor, selection: float) -> torch.Tensor:
+def select_confident(logits: torch.Tensor, selection: float, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices (..., k) of the ``k = int(V * selection)`` lowest-entropy views of logits (..., V, C).
 
-    Sorted stably, so ties go to the lower view index.
+    ``entropy`` (..., V): the views' softmax entropies if already computed (by the scoring op), else
+    :func:`view_entropy` of ``logits``. Sorted stably, so ties go to the lower view index.
     """
     k = kept_views(logits.shape[-2], selection)
-    return torch.argsort(view_entropy(logits), dim=-1, stable=True)[..., :k]
+    entropy = _entropies(logits, entropy)
+    return torch.argsort(entropy, dim=-1, stable=True)[..., :k]
+
+
+def _entropies(logits: torch.Tensor, entropy: Optional[torch.Tensor]) -> torch.Tensor:
+    if entropy is None:
+        return view_entropy(logits)
+    if entropy.shape != logits.shape[:-1]:
+        raise ValueError(f"entropy {tuple(entropy.shape)} does not match logits {tuple(logits.shape)}: "
+                         "one entropy per view expected")
+    return entropy
 
 
 def avg_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -49,8 +66,12 @@ def avg_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(avg * avg.exp()).sum(dim=-1)
 
 
-def zero_vote(logits: torch.Tensor, selection: float):
+def zero_vote(logits: torch.Tensor, selection: float, entropy: Optional[torch.Tensor] = None,
+              view_argmax: Optional[torch.Tensor] = None):
     """ZERO's prediction from logits (N, V, C) of each image's views; returns (preds, votes, selected).
+
+    ``entropy`` and ``view_argmax`` (N, V): the views' softmax entropies and argmax classes if already
+    computed (by the scoring op, first index on ties as ``torch.argmax``); else computed from ``logits``.
 
     The ``int(V * selection)`` lowest-entropy views are kept (as TPT selects); each kept view votes
     for its argmax class (the zero-temperature limit of its softmax: a one-hot vector) and the class
@@ -62,9 +83,12 @@ def zero_vote(logits: torch.Tensor, selection: float):
     """
     N, V, C = logits.shape
     k = kept_views(V, selection)
-    order = torch.argsort(view_entropy(logits), dim=-1, stable=True)
+    order = torch.argsort(_entropies(logits, entropy), dim=-1, stable=True)
     selected = order[:, :k]
-    view_argmax = logits.argmax(dim=-1)  # (N, V)
+    if view_argmax is None:
+        view_argmax = logits.argmax(dim=-1)  # (N, V)
+    elif view_argmax.shape != logits.shape[:-1]:
+        raise ValueError(f"view_argmax {tuple(view_argmax.shape)} does not match logits {tuple(logits.shape)}")
     votes = F.one_hot(view_argmax.gather(1, selected), C).sum(dim=1)  # (N, C)
     top = votes.max(dim=-1, keepdim=True).values
     tied = votes == top

@@ -8,7 +8,9 @@ Per test image (official rules, checked against the repository):
   :mod:`promptcore.views`;
 * the context is reset to its initial value and AdamW (``lr``, betas (0.9, 0.999), eps 1e-8,
   weight decay 0.01) starts from fresh state;
-* logits of all views; the ``int(V * selection)`` views of lowest softmax entropy are kept
+* logits of all views (fp32, :func:`promptcore.kernels.cosine_logits` per image against its own tuned
+  classifier, with the views' softmax entropies from the same op); the ``int(V * selection)`` views of
+  lowest softmax entropy are kept
   (``argsort`` ascending; promptcore sorts stably, so ties go to the lower view index). The
   selection is made on the FIRST step's logits and reused at later steps (the logits of all views
   are recomputed with the updated context, then indexed with the first selection);
@@ -34,6 +36,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from promptcore.kernels import cosine_logits
 
 from .base import PromptModule
 from .checkpoints import CheckpointError, read_prompt_file
@@ -84,21 +88,6 @@ class ZeroOutput:
     votes: torch.Tensor
     selected: torch.Tensor
     logits: torch.Tensor
-
-
-# -- scoring (the selection math is in promptcore.selection, the optimizer in promptcore.optim) ----
-
-
-def group_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale) -> torch.Tensor:
-    """fp32 logits (G, V, C) of image features (G, V, E) against per-group text features (G, C, E).
-
-    The batched form of ``promptcore.kernels.cosine_logits`` (normalise in fp32, scale by
-    ``exp(logit_scale)``): each image scores its views against its own tuned classifier.
-    """
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale).float().exp()
-    return scale * torch.bmm(img, txt.transpose(1, 2))
 
 
 # -- the module -----------------------------------------------------------------------------
@@ -295,9 +284,13 @@ class TPT(PromptModule):
         selected, losses = None, []
         with torch.enable_grad():
             for _ in range(steps):
-                logits = group_logits(image_features, self.encode_text_groups(ctx, text_path), scale)
+                text = self.encode_text_groups(ctx, text_path)
                 if selected is None:  # the official code selects once, on the first step's logits
-                    selected = select_confident(logits.detach(), self.selection)
+                    logits, entropy, _ = cosine_logits(image_features, text, scale, with_entropy=True,
+                                                       out_dtype=torch.float32)
+                    selected = select_confident(logits.detach(), self.selection, entropy)
+                else:
+                    logits = cosine_logits(image_features, text, scale, out_dtype=torch.float32)
                 kept = logits.gather(1, selected.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
                 loss = avg_entropy(kept)  # (N,)
                 losses.append(loss.detach())
@@ -310,7 +303,7 @@ class TPT(PromptModule):
         ctx = ctx.detach()
         with torch.no_grad():
             text = self.encode_text_groups(ctx, text_path)
-            final = group_logits(image_features[:, :1], text, scale)[:, 0]
+            final = cosine_logits(image_features[:, :1], text, scale, out_dtype=torch.float32)[:, 0]
         return TPTOutput(final, ctx, selected, torch.stack(losses))
 
     # -- ZERO -----------------------------------------------------------------------------------
@@ -333,8 +326,9 @@ class TPT(PromptModule):
             text = self.text_features().unsqueeze(0).expand(image_features.shape[0], -1, -1)
         else:
             text = self.encode_text_groups(self.initial_context(image_features))
-        logits = group_logits(image_features, text, scale)
-        preds, votes, selected = zero_vote(logits, selection)
+        logits, entropy, view_argmax = cosine_logits(image_features, text, scale, with_entropy=True,
+                                                     out_dtype=torch.float32)
+        preds, votes, selected = zero_vote(logits, selection, entropy, view_argmax)
         return ZeroOutput(preds, votes, selected, logits)
 
     # -- raw images ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """TPT and ZERO: batched == sequential, fast == naive, official rules against direct implementations,
 views, checkpoints, precision and bad input (folder runs: test_runner.py)."""
 
+import contextlib
+import importlib
 import warnings
 from collections import Counter
 
@@ -13,8 +15,9 @@ from test_checkpoints import write_dassl_checkpoint
 
 import promptcore
 from promptcore.checkpoints import CheckpointError
+from promptcore.kernels import triton_available
 from promptcore.optim import BatchedAdamW
-from promptcore.selection import avg_entropy, select_confident, zero_vote
+from promptcore.selection import avg_entropy, select_confident, view_entropy, zero_vote
 from promptcore.tpt import TPT
 from promptcore.views import _apply_op, make_views, random_resized_crop_boxes
 
@@ -419,6 +422,66 @@ def test_zero_mode_on_views():
         logits = tpt.model.logit_scale.exp() * F.normalize(feats, dim=-1) @ F.normalize(text, dim=-1).t()
     assert out.preds.tolist() == [_direct_zero(x, 0.5) for x in logits]
     assert tpt.predict(torch.rand(2, 3, 40, 40), mode="zero").shape == (2,)
+
+
+# -- scoring and selection through the one scoring op ------------------------------------------------
+
+
+@contextlib.contextmanager
+def _triton_scoring(monkeypatch):
+    """The scoring op on its Triton path (interpreted on CPU), the rest of TPT on the default backend;
+    yields the list of kernel launches it made."""
+    cl = importlib.import_module("promptcore.kernels.cosine_logits")
+    launches, launcher = [], cl._cosine_logits_fwd
+    monkeypatch.setattr(cl, "_cosine_logits_fwd", lambda *a: launches.append(a[3]) or launcher(*a))
+
+    def scoring(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setenv("PROMPTCORE_BACKEND", "triton")
+            return cl.cosine_logits(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(promptcore.tpt, "cosine_logits", scoring)
+        yield launches
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed on this platform")
+def test_scoring_op_entropy_and_argmax_are_the_selection_formulas(monkeypatch):
+    """The op's fused entropy/argmax (what TPT and ZERO select and vote with) against selection.py's own formula."""
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 12, 16, generator=gen)
+    text = torch.randn(4, 7, 16, generator=gen)
+    with _triton_scoring(monkeypatch) as launches:
+        logits, entropy, argmax = promptcore.tpt.cosine_logits(feats, text, 3.0, with_entropy=True,
+                                                               out_dtype=torch.float32)
+    assert launches == [True]
+    torch.testing.assert_close(entropy, view_entropy(logits), atol=2e-5, rtol=2e-5)
+    assert torch.equal(argmax, logits.argmax(dim=-1))
+    assert torch.equal(select_confident(logits, 0.25, entropy), select_confident(logits, 0.25))
+    for got, want in zip(zero_vote(logits, 0.25, entropy, argmax), zero_vote(logits, 0.25)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="one entropy per view"):
+        select_confident(logits, 0.25, entropy[:, :5])
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed on this platform")
+def test_tpt_and_zero_unchanged_with_the_triton_scoring_op(monkeypatch):
+    """TPT's selection, loss, tuned context and prediction and ZERO's vote: the same through the fused op."""
+    tpt = _tpt(steps=2)
+    views = _views(n=2)
+    feats = tpt.encode_views(views)
+    want, want_zero = tpt.adapt_features(feats), tpt.zero_features(feats, 0.5)
+    with _triton_scoring(monkeypatch) as launches:
+        got, got_zero = tpt.adapt_features(feats), tpt.zero_features(feats, 0.5)
+    assert launches == [True, False, False, True]  # step 1 with entropy, step 2, the prediction; ZERO
+    assert torch.equal(got.selected, want.selected)
+    np.testing.assert_allclose(got.losses.numpy(), want.losses.numpy(), rtol=1e-5)
+    assert_ctx_close(got.ctx, want.ctx, steps=2)
+    assert got.logits.dtype == torch.float32 and scaled_error(got.logits, want.logits) < 2e-3
+    assert torch.equal(got.preds, want.preds)
+    assert torch.equal(got_zero.selected, want_zero.selected) and torch.equal(got_zero.votes, want_zero.votes)
+    assert torch.equal(got_zero.preds, want_zero.preds)
+    assert scaled_error(got_zero.logits, want_zero.logits) < 1e-5
 
 
 # -- bad input ---------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Microbenchmarks of the three fused ops against eager PyTorch and torch.compile.
 
+Kernels: ``cosine`` (image (B, E) x classes (N, E)), ``grouped_cosine`` (the same op per group: TPT's
+views of each image against its own tuned classes, with entropy/argmax; CoCoOp's one image per group
+against its own classes), ``attention`` (prefix-shared attention), ``assembly`` (prompt assembly).
+
 Providers, side by side in one run:
   triton   promptcore's fused Triton kernel (the public op with PROMPTCORE_BACKEND=triton)
   torch    the PyTorch reference ``*_ref`` in eager mode
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, environment, measure, measure_peaks, peak_tflops_for  # noqa: E402
 
-KERNELS = ("cosine", "attention", "assembly")
+KERNELS = ("cosine", "grouped_cosine", "attention", "assembly")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -64,6 +68,22 @@ def cosine_shapes(size: str):
     if size == "cpu":
         return [dict(B=64, N=N, E=512) for N in (100, 1000)]
     return [dict(B=B, N=N, E=E) for E in (512, 768) for N in (1000, 21000) for B in (256, 1024, 4096)]
+
+
+def grouped_cosine_shapes(size: str):
+    """Per-group scoring: TPT (G images x V views against each image's own C classes, fp32 logits with the
+    views' entropy and argmax, text gradient only) and CoCoOp (G images x 1 against their own C classes)."""
+    def tpt(G, V, C, E):
+        return dict(G=G, B=V, N=C, E=E, method="tpt")
+
+    def cocoop(G, C, E):
+        return dict(G=G, B=1, N=C, E=E, method="cocoop")
+
+    if size == "smoke":
+        return [tpt(2, 8, 50, 32), cocoop(4, 50, 32)]
+    if size == "cpu":
+        return [tpt(4, 64, 1000, 512), cocoop(32, 100, 512)]
+    return [tpt(G, 64, 1000, E) for E in (512, 768) for G in (8, 64)] + [cocoop(G, 1000, 512) for G in (32, 256)]
 
 
 def attention_shapes(size: str):
@@ -110,6 +130,32 @@ def cosine_problem(shape, dtype, device, grad):
     }
     return ops, [img, txt], dict(fwd_bytes=fwd_bytes, fwd_flops=fwd_flops, bwd_bytes=bwd_bytes,
                                  bwd_flops=2 * fwd_flops)
+
+
+def grouped_cosine_problem(shape, dtype, device, grad):
+    from promptcore.kernels import cosine_logits, cosine_logits_ref
+
+    G, B, N, E = shape["G"], shape["B"], shape["N"], shape["E"]
+    tpt = shape["method"] == "tpt"  # TPT: frozen view features, fp32 logits with entropy/argmax (its first step)
+    img = _leaf(torch.randn(G, B, E, device=device, dtype=dtype), grad and not tpt)
+    txt = _leaf(torch.randn(G, N, E, device=device, dtype=dtype), grad)
+    scale = torch.tensor(math.log(100.0), device=device)
+    options = dict(with_entropy=True, out_dtype=torch.float32) if tpt else {}
+    elt = img.element_size()
+    out_elt = 4 if tpt else elt
+    fwd_bytes = G * (B * E + N * E) * elt + G * B * N * out_elt + (G * B * 12 if tpt else 0)
+    fwd_flops = 2 * G * B * N * E
+    # backward: the (G, B, N) logit grad read once per gradient, features read and written
+    n_grads = 1 if tpt else 2
+    bwd_bytes = n_grads * G * B * N * out_elt + (n_grads + 1) * G * (B * E + N * E) * elt
+    ops = {
+        "triton": lambda: cosine_logits(img, txt, scale, **options),
+        "torch": lambda: cosine_logits_ref(img, txt, scale, **options),
+        "compile": ("compile", lambda a, b, s: cosine_logits_ref(a, b, s, **options), (img, txt, scale)),
+    }
+    leaves = [txt] if tpt else [img, txt]
+    return ops, leaves, dict(fwd_bytes=fwd_bytes, fwd_flops=fwd_flops, bwd_bytes=bwd_bytes,
+                             bwd_flops=n_grads * fwd_flops)
 
 
 def _materialised_sdpa(q, k, v, k_prefix, v_prefix, lens):
@@ -236,7 +282,9 @@ def _has_flex() -> bool:
     return True
 
 
-PROBLEMS = {"cosine": (cosine_problem, cosine_shapes), "attention": (attention_problem, attention_shapes),
+PROBLEMS = {"cosine": (cosine_problem, cosine_shapes),
+            "grouped_cosine": (grouped_cosine_problem, grouped_cosine_shapes),
+            "attention": (attention_problem, attention_shapes),
             "assembly": (assembly_problem, assembly_shapes)}
 
 

@@ -131,3 +131,167 @@ def test_backend_switch(monkeypatch, device):
     monkeypatch.setenv("PROMPTCORE_BACKEND", "torch")
     torch.testing.assert_close(cosine_logits(img, txt, scale), want, atol=0, rtol=0)
     assert calls == [1], "PROMPTCORE_BACKEND=torch must run the reference"
+
+
+# -- per-group form: image (G, B, E) against text (G, N, E) ------------------------------------------------
+
+# (G, B, N, E): all 1s; CoCoOp's one image per group; several B and N tiles per group; primes and odd E
+GROUP_SHAPES = [(1, 1, 1, 1), (3, 1, 131, 67), (2, 65, 97, 40), (1, 7, 70, 24), (5, 3, 1, 33)]
+
+
+def make_group_inputs(G, B, N, E, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(G, B, E, generator=gen).to(device, dtype)
+    txt = torch.randn(G, N, E, generator=gen).to(device, dtype)
+    return img, txt, torch.tensor(math.log(30.0), device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_grouped_forward_and_grads(shape, dtype, device):
+    G, B, N, _ = shape
+    args = make_group_inputs(*shape, dtype, device, seed=sum(shape))
+    fn = scored(True)
+    out, _ = check_op(fn(cosine_logits), fn(cosine_logits_ref), args, [True, True, True], dtype, NAMES)
+    assert isinstance(out, ScoredLogits) and out.logits.shape == (G, B, N) and out.logits.dtype == dtype
+    assert out.entropy.shape == out.argmax.shape == (G, B)
+    hi = cosine_logits_ref(args[0].float(), args[1].float(), args[2], with_entropy=True)
+    torch.testing.assert_close(out.entropy, hi.entropy, atol=1e-4, rtol=1e-4)
+    picked = hi.logits.gather(2, out.argmax[..., None])[..., 0]
+    assert (picked >= hi.logits.max(dim=2).values - 1e-4).all()
+    assert not out.entropy.requires_grad and not out.argmax.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_equals_each_group_alone(dtype, device):
+    """Group g of a grouped call is the 2-D call on group g: same tiles, same arithmetic, same bits."""
+    img, txt, scale = make_group_inputs(3, 5, 70, 24, dtype, device, seed=3)
+    out = cosine_logits(img, txt, scale, with_entropy=True)
+    for g in range(3):
+        alone = cosine_logits(img[g], txt[g], scale, with_entropy=True)
+        assert torch.equal(out.logits[g], alone.logits)
+        assert torch.equal(out.entropy[g], alone.entropy) and torch.equal(out.argmax[g], alone.argmax)
+
+
+@pytest.mark.parametrize("which", ["text", "image", "both"])
+def test_grouped_stride0_group_dim(which, device):
+    """One tensor expanded over the groups (stride 0) is read in place; its gradient sums over the groups."""
+    img, txt, scale = make_group_inputs(4, 6, 37, 20, torch.float32, device, seed=5)
+    if which in ("text", "both"):
+        txt = txt[:1].expand(4, -1, -1)
+    if which in ("image", "both"):
+        img = img[:1].expand(4, -1, -1)
+    assert (txt.stride(0) == 0) == (which != "image") and (img.stride(0) == 0) == (which != "text")
+    fn = scored(True)
+    out, ref = check_op(fn(cosine_logits), fn(cosine_logits_ref), (img, txt, scale), [True, True, True],
+                        torch.float32, NAMES)
+    assert torch.equal(out.argmax, ref.argmax)
+    # gradients reach the unexpanded leaves (1, R, E) through expand's backward: a sum over the groups
+    w = torch.randn(4, 6, 37, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = {}
+    for fn in (cosine_logits, cosine_logits_ref):
+        leaves = [t[:1].detach().clone().requires_grad_() if t.stride(0) == 0 else t for t in (img, txt)]
+        (fn(*[t.expand(4, -1, -1) for t in leaves], scale) * w).sum().backward()
+        grads[fn] = [t.grad for t in leaves if t.requires_grad]
+    assert len(grads[cosine_logits]) == (2 if which == "both" else 1)
+    for got, want in zip(grads[cosine_logits], grads[cosine_logits_ref]):
+        assert got.shape[0] == 1
+        assert_lowp_close(got, want, want, torch.float32, "grad summed over the groups")
+
+
+def test_grouped_argmax_ties_and_uniform_entropy(device):
+    """Exact ties in each group go to the group's first tied class; a group of equal classes has entropy log N."""
+    gen = torch.Generator().manual_seed(8)
+    G, N = 3, 150
+    txt = torch.randint(0, 2, (G, N, 16), generator=gen).float() * 2 - 1  # +-1 entries: exact cosines
+    img = torch.empty(G, 4, 16)
+    tied = [(0, [1, 149]), (70, [63, 140]), (149, [])]  # first tied class: 0, 63 (a copy before it), 149
+    for g, (first, copies) in enumerate(tied):
+        txt[g, copies] = txt[g, first].clone()
+        img[g] = txt[g, first]
+        img[g, torch.arange(4), torch.arange(4)] *= -1  # distinct images, each closest to the tied classes
+    img, txt, scale = img.to(device), txt.to(device), torch.tensor(math.log(30.0), device=device)
+    out = cosine_logits(img, txt, scale, with_entropy=True)
+    ref = cosine_logits_ref(img, txt, scale, with_entropy=True)
+    for g, (first, copies) in enumerate(tied):
+        assert (out.logits[g][:, copies] == out.logits[g][:, first:first + 1]).all()  # real ties
+    assert out.argmax.tolist() == [[0] * 4, [63] * 4, [149] * 4] == ref.argmax.tolist()
+    torch.testing.assert_close(out.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
+    same = img[:, :1].expand(-1, 40, -1).contiguous()
+    uniform = cosine_logits(img, same, scale, with_entropy=True)
+    torch.testing.assert_close(uniform.entropy, torch.full_like(uniform.entropy, math.log(40)), atol=1e-5, rtol=0)
+    assert (uniform.argmax == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_out_dtype_fp32_from_low_precision_features(dtype, device):
+    """``out_dtype=torch.float32``: fp32 logits of fp16/bf16 features (TPT's logits), gradients in the inputs' dtype."""
+    img, txt, scale = make_group_inputs(2, 5, 33, 24, dtype, device, seed=9)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    out = cosine_logits(a, b, scale, out_dtype=torch.float32)
+    ref = cosine_logits_ref(img.float(), txt.float(), scale)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    out.pow(2).sum().backward()
+    assert a.grad.dtype == b.grad.dtype == dtype
+    ra, rb = img.float().requires_grad_(), txt.float().requires_grad_()
+    cosine_logits_ref(ra, rb, scale).pow(2).sum().backward()
+    lo_a, lo_b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    cosine_logits_ref(lo_a, lo_b, scale, out_dtype=torch.float32).pow(2).sum().backward()
+    assert_lowp_close(a.grad, lo_a.grad, ra.grad, dtype, "image grad")
+    assert_lowp_close(b.grad, lo_b.grad, rb.grad, dtype, "text grad")
+
+
+@pytest.mark.filterwarnings("ignore:Input #.*double precision")
+def test_grouped_gradcheck_fp32(device):
+    img, txt, _ = make_group_inputs(2, 2, 3, 4, torch.float32, device)
+    scale = torch.tensor(0.5, device=device)
+    inputs = tuple(t.detach().requires_grad_() for t in (img, txt, scale))
+    torch.autograd.gradcheck(cosine_logits, inputs, eps=1e-2, atol=5e-3, rtol=3e-2, nondet_tol=1e-5)
+
+
+@pytest.mark.parametrize("img_shape,txt_shape,msg", [
+    ((2, 3, 8), (5, 8), "per group"),
+    ((3, 8), (2, 5, 8), "per group"),
+    ((3, 8), (5, 7), "feature size E"),
+    ((2, 3, 8), (3, 5, 8), "number of groups G"),
+    ((1, 2, 3, 8), (1, 2, 5, 8), "per group"),
+])
+def test_shape_errors_are_named(img_shape, txt_shape, msg, device):
+    for fn in (cosine_logits, cosine_logits_ref):
+        with pytest.raises(ValueError, match=msg):
+            fn(torch.randn(img_shape, device=device), torch.randn(txt_shape, device=device), 1.0)
+    with pytest.raises(ValueError, match="out_dtype"):
+        cosine_logits(torch.randn(3, 8, device=device), torch.randn(5, 8, device=device), 1.0, out_dtype=torch.int32)
+
+
+# -- torch.library registration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_opcheck_registered_ops(with_entropy, device):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of promptcore::cosine_logits."""
+    img, txt, scale = make_group_inputs(2, 3, 9, 8, torch.float32, device, seed=11)
+    img, txt, scale = img.requires_grad_(), txt.requires_grad_(), scale.requires_grad_()
+    torch.library.opcheck(torch.ops.promptcore.cosine_logits.default, (img, txt, scale, with_entropy, torch.float32))
+    d = torch.randn(2, 3, 9, device=device)
+    torch.library.opcheck(torch.ops.promptcore.cosine_logits_backward.default,
+                          (d, img.detach(), txt.detach(), scale.detach(), True, True, True))
+    torch.library.opcheck(torch.ops.promptcore.cosine_logits_backward.default,
+                          (d, img.detach(), txt.detach(), scale.detach(), False, True, False))
+
+
+def test_public_function_calls_the_registered_op(monkeypatch, device):
+    calls = []
+    real = cl._cosine_logits_fwd
+    monkeypatch.setattr(cl, "_cosine_logits_fwd", lambda *a: calls.append(a[0].shape) or real(*a))
+    img, txt, scale = make_group_inputs(2, 3, 9, 8, torch.float32, device, seed=12)
+    out = cosine_logits(img[0], txt[0], scale)
+    assert calls == [(1, 3, 8)] and out.shape == (3, 9)  # the 2-D call went through the op as G = 1
+    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake_mode:
+        fi, ft, fs = (fake_mode.from_tensor(t) for t in (img, txt, scale))
+        logits, entropy, argmax = torch.ops.promptcore.cosine_logits(fi, ft, fs, True, torch.float16)
+    assert logits.shape == (2, 3, 9) and logits.dtype == torch.float16
+    assert entropy.shape == argmax.shape == (2, 3) and argmax.dtype == torch.int64
+    assert calls == [(1, 3, 8)]  # the fake kernel launched nothing
