@@ -61,6 +61,12 @@ class CapturedPath:
             self._compiled = torch.compile(self.fn, **self.compile_options)
         return self._compiled
 
+    def __getstate__(self):
+        # a copy (deepcopy of a module, pickling) compiles its own function: the compiled one calls the original
+        state = dict(self.__dict__)
+        state["_compiled"] = None
+        return state
+
     def __call__(self, *args):
         if self.mode == "none" or tracing_or_compiling():
             return self.fn(*args)

@@ -127,6 +127,16 @@ def test_cudagraphs_refuses_cpu_tensors():
     assert engine.fast._compiled is None  # refused before anything was compiled
 
 
+def test_a_copied_engine_compiles_its_own_path():
+    import copy
+
+    engine = TextEngine(make_model(), capture="compile", compile_options={"backend": "eager"})
+    engine.fast.compiled  # built for the original engine
+    twin = copy.deepcopy(engine)
+    assert twin.fast._compiled is None and twin.fast.fn.__self__ is twin
+    assert twin.fast.compile_options == {"backend": "eager"} and engine.fast._compiled is not None
+
+
 def test_capture_steps_aside_under_an_outer_capture():
     """Inside an outer torch.compile (or an export) the path runs as is: no nested compile."""
     calls = []
