@@ -498,10 +498,18 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
 
 # ----------------------------------------------------------------------------------------------
 # custom ops: torch.compile and CUDA graphs capture the kernels as opaque ops; the fakes give
-# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it
+# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it.
+# Schemas are spelled out: inferring them from annotations under `from __future__ import annotations`
+# depends on the torch version.
+
+_PREFIX_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, Tensor lens, float scale)"
+                            " -> (Tensor, Tensor)")
+_PREFIX_ATTENTION_BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, "
+                                     "Tensor out, Tensor lse, Tensor lens, float scale, bool need_dkdv) "
+                                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-@torch.library.custom_op("promptcore::prefix_attention", mutates_args=())
+@torch.library.custom_op("promptcore::prefix_attention", mutates_args=(), schema=_PREFIX_ATTENTION_SCHEMA)
 def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
                          v_prefix: torch.Tensor, lens: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, row log-sum-exp); the log-sum-exp is the backward's residual, not differentiable."""
@@ -515,7 +523,8 @@ def _prefix_attention_fake(q, k, v, k_prefix, v_prefix, lens, scale):
     return q.new_empty((G, C, S, H, d)), q.new_empty((G, H, C * S), dtype=torch.float32)
 
 
-@torch.library.custom_op("promptcore::prefix_attention_backward", mutates_args=())
+@torch.library.custom_op("promptcore::prefix_attention_backward", mutates_args=(),
+                         schema=_PREFIX_ATTENTION_BACKWARD_SCHEMA)
 def _prefix_attention_backward_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
     v_prefix: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lens: torch.Tensor, scale: float, need_dkdv: bool,

@@ -254,10 +254,17 @@ def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
 
 # ----------------------------------------------------------------------------------------------
 # custom ops: torch.compile and CUDA graphs capture the kernels as opaque ops; the fakes give
-# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it
+# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it.
+# Schemas are spelled out: inferring them from annotations under `from __future__ import annotations`
+# depends on the torch version.
+
+_ASSEMBLE_PROMPTS_SCHEMA = ("(Tensor token_embeds, Tensor slots, Tensor pos, Tensor? ctx, Tensor? bias, str ctx_layout)"
+                            " -> Tensor")
+_ASSEMBLE_PROMPTS_BACKWARD_SCHEMA = ("(Tensor dout, Tensor slots, Tensor ctx, Tensor? bias, str ctx_layout)"
+                                     " -> (Tensor, Tensor)")
 
 
-@torch.library.custom_op("promptcore::assemble_prompts", mutates_args=())
+@torch.library.custom_op("promptcore::assemble_prompts", mutates_args=(), schema=_ASSEMBLE_PROMPTS_SCHEMA)
 def _assemble_prompts_op(token_embeds: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
                          ctx: Optional[torch.Tensor], bias: Optional[torch.Tensor], ctx_layout: str) -> torch.Tensor:
     token_embeds, slots, pos, ctx, bias = (_rowwise(t) for t in (token_embeds, slots, pos, ctx, bias))
@@ -270,7 +277,8 @@ def _assemble_prompts_fake(token_embeds, slots, pos, ctx, bias, ctx_layout):
     return token_embeds.new_empty((_num_groups(ctx, bias, ctx_layout), C, S, D))
 
 
-@torch.library.custom_op("promptcore::assemble_prompts_backward", mutates_args=())
+@torch.library.custom_op("promptcore::assemble_prompts_backward", mutates_args=(),
+                         schema=_ASSEMBLE_PROMPTS_BACKWARD_SCHEMA)
 def _assemble_prompts_backward_op(dout: torch.Tensor, slots: torch.Tensor, ctx: torch.Tensor,
                                   bias: Optional[torch.Tensor], ctx_layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d ctx, d bias); d bias is an empty tensor when there is no bias (an op returns tensors, not None)."""
