@@ -15,11 +15,12 @@ In order, in the same process:
    prefix K/V expanded over classes and FlexAttention with the equivalent block mask
    (benchmarks/kernels/bench_kernels.py). The Triton provider runs on CUDA only (CPU: interpreter).
 3. the methods next to their official-style paths: text encoding fwd and fwd+bwd
-   (bench_text_encoding.py), CoOp and MaPLe eval vs the bare image encoder (bench_eval.py), CoCoOp
-   vs the per-image loop (bench_cocoop.py), TPT with views given and end to end vs sequential
-   official-style (bench_tpt.py), ZeroShot vs open_clip's builder when ``promptcore.ZeroShot``
-   exists (bench_zeroshot.py), onnxruntime vs PyTorch (bench_export.py); 10/100/1000 classes in
-   fp16 and bf16 on CUDA, smaller on CPU.
+   (bench_text_encoding.py; with it, the fast path eager vs ``capture="compile"`` vs
+   ``"cudagraphs"`` at 10 and 100 classes, rows ``bench="capture"``), CoOp and MaPLe eval vs the
+   bare image encoder (bench_eval.py), CoCoOp vs the per-image loop (bench_cocoop.py), TPT with
+   views given and end to end vs sequential official-style (bench_tpt.py), ZeroShot vs open_clip's
+   builder when ``promptcore.ZeroShot`` exists (bench_zeroshot.py), onnxruntime vs PyTorch
+   (bench_export.py); 10/100/1000 classes in fp16 and bf16 on CUDA, smaller on CPU.
 
 Writes to ``--out DIR``: ``results.jsonl`` (one JSON row per measurement, each with device name,
 driver, torch/triton versions, git sha and date; appended case by case, so ``--resume`` continues
@@ -113,7 +114,72 @@ def case_text_encoding(plan: Plan, peaks: dict) -> list:
         model=plan.model, device=plan.device, precision=precision, classes=plan.text_classes or plan.classes,
         n_ctx=[4] if plan.smoke else [16], repeats=plan.repeats, peaks=peaks,
         # compiling the whole naive 12-layer encoder takes minutes per shape on a CPU: GPU runs only
-        compile=plan.compile and plan.device == "cuda")]
+        compile=plan.compile and plan.device == "cuda")] + capture_rows(plan, peaks)
+
+
+def capture_rows(plan: Plan, peaks: dict) -> list:
+    """Rows ``bench="capture"``: CoOp's fast text path eager vs ``capture="compile"`` vs ``"cudagraphs"``
+    (promptcore.capture), fwd and fwd+bwd, at 10 and 100 classes, where launch overhead dominates.
+
+    "cudagraphs" runs on CUDA only (a skipped row on CPU). The smoke run compiles with the ``aot_eager``
+    backend (no C++ toolchain, seconds); other runs with inductor, and on CPU only with ``--compile``.
+    """
+    from common import bench_model, comparison_fields, environment, measure
+
+    from promptcore import CoOp
+    from promptcore.models import builtin_classnames
+
+    device = torch.device(plan.device)
+    rows = []
+    if device.type != "cuda":
+        rows.append({"bench": "capture", "provider": "cudagraphs", "skipped": "capture='cudagraphs' records CUDA "
+                     "graphs: CUDA only"})
+        if not (plan.smoke or plan.compile):
+            rows.append({"bench": "capture", "provider": "compile", "skipped": "torch.compile on CPU runs with "
+                         "--compile only (inductor builds C++ kernels: minutes per shape)"})
+            return rows
+    captures = {"eager": ("none", None)}
+    captures["compile"] = ("compile", {"backend": "aot_eager"} if plan.smoke else None)
+    if device.type == "cuda":
+        captures["cudagraphs"] = ("cudagraphs", None)
+    names = builtin_classnames("imagenet")
+    env = environment(device)
+    for precision in plan.precisions:
+        model, tokenizer = bench_model(plan.model, device, precision)
+        for classes in plan.classes if plan.smoke else [10, 100]:
+            for mode in ("fwd+bwd",) if plan.smoke else ("fwd", "fwd+bwd"):  # smoke: both graphs, one compile
+                timings, compile_s = {}, {}
+                for provider, (capture, options) in captures.items():
+                    torch._dynamo.reset()  # a fresh compile per configuration (dynamo caps entries per function)
+                    coop = CoOp(model, names[:classes], tokenizer=tokenizer, n_ctx=4 if plan.smoke else 16, seed=0,
+                                capture=capture)
+                    if options:
+                        coop.engine.fast.compile_options.update(options)
+                    ctx = coop.prompt_learner.ctx
+
+                    def step(coop=coop, ctx=ctx):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                return coop.encode_text("fast")
+                        return torch.autograd.grad(coop.encode_text("fast").float().pow(2).sum(), ctx)[0]
+
+                    t0 = time.perf_counter()
+                    step()  # compiles (and, for CUDA graphs, warms up) outside the timed calls
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    compile_s[provider] = time.perf_counter() - t0
+                    timings[provider] = measure(step, device, plan.repeats, warmup=3)
+                row = {"bench": "capture", "model": plan.model, "precision": precision, "classes": classes,
+                       "n_ctx": 4 if plan.smoke else 16, "mode": mode, "timings": timings,
+                       "first_call_s": compile_s, **env, **comparison_fields(timings, "eager")}
+                if plan.smoke:
+                    row["compile_backend"] = "aot_eager"
+                rows.append(row)
+                print(f"capture {plan.model} {precision} classes={classes:4d} {mode:7s} eager "
+                      f"{timings['eager']['median_s'] * 1e3:.2f} ms  " + "  ".join(
+                          f"{p} {r:.2f}x" for p, r in row["ratio_vs_baseline"].items() if p != "eager"), flush=True)
+    torch._dynamo.reset()
+    return rows
 
 
 def _eval(method: str):

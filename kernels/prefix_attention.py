@@ -36,7 +36,7 @@ Triton path (fp16, bf16, fp32; head dims up to 128, padded to 64 or 128 with mas
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -496,24 +496,76 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
     return dq, dk, dv, dkp.to(k_prefix.dtype), dvp.to(v_prefix.dtype)
 
 
-class PrefixAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, k_prefix, v_prefix, lens, scale):
-        q, k, v, k_prefix, v_prefix = (_as_kernel_input(t) for t in (q, k, v, k_prefix, v_prefix))
-        out, lse = _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale)
-        ctx.save_for_backward(q, k, v, k_prefix, v_prefix, out, lse, lens)
-        ctx.scale = scale
-        return out
+# ----------------------------------------------------------------------------------------------
+# custom ops: torch.compile and CUDA graphs capture the kernels as opaque ops; the fakes give
+# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it.
+# Schemas are spelled out: inferring them from annotations under `from __future__ import annotations`
+# depends on the torch version.
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, k_prefix, v_prefix, out, lse, lens = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq, dk, dv, dkp, dvp = _prefix_attention_bwd(
-            _as_kernel_input(dout), q, k, v, k_prefix, v_prefix, out, lse, lens, ctx.scale,
-            need_dkdv=need[1] or need[2],
-        )
-        return dq, dk, dv, dkp, dvp, None, None
+_PREFIX_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, Tensor lens, float scale)"
+                            " -> (Tensor, Tensor)")
+_PREFIX_ATTENTION_BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, "
+                                     "Tensor out, Tensor lse, Tensor lens, float scale, bool need_dkdv) "
+                                     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("promptcore::prefix_attention", mutates_args=(), schema=_PREFIX_ATTENTION_SCHEMA)
+def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+                         v_prefix: torch.Tensor, lens: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, row log-sum-exp); the log-sum-exp is the backward's residual, not differentiable."""
+    q, k, v, k_prefix, v_prefix = (_as_kernel_input(t) for t in (q, k, v, k_prefix, v_prefix))
+    return _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale)
+
+
+@_prefix_attention_op.register_fake
+def _prefix_attention_fake(q, k, v, k_prefix, v_prefix, lens, scale):
+    G, C, S, H, d = q.shape
+    return q.new_empty((G, C, S, H, d)), q.new_empty((G, H, C * S), dtype=torch.float32)
+
+
+@torch.library.custom_op("promptcore::prefix_attention_backward", mutates_args=(),
+                         schema=_PREFIX_ATTENTION_BACKWARD_SCHEMA)
+def _prefix_attention_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, lens: torch.Tensor, scale: float, need_dkdv: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d k_prefix, d v_prefix); dk and dv are empty tensors unless ``need_dkdv``."""
+    q, k, v, k_prefix, v_prefix, out, dout = (
+        _as_kernel_input(t) for t in (q, k, v, k_prefix, v_prefix, out, dout))
+    dq, dk, dv, dkp, dvp = _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, scale,
+                                                 need_dkdv=need_dkdv)
+    if not need_dkdv:
+        dk, dv = k.new_empty((0,)), v.new_empty((0,))
+    return dq, dk, dv, dkp, dvp
+
+
+@_prefix_attention_backward_op.register_fake
+def _prefix_attention_backward_fake(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, scale, need_dkdv):
+    shape = q.shape if need_dkdv else (0,)
+    return (q.new_empty(q.shape), k.new_empty(shape), v.new_empty(shape), k_prefix.new_empty(k_prefix.shape),
+            v_prefix.new_empty(v_prefix.shape))
+
+
+def _prefix_attention_setup(ctx, inputs, output):
+    q, k, v, k_prefix, v_prefix, lens, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, k_prefix, v_prefix, out, lse, lens)
+    ctx.scale = scale
+
+
+def _prefix_attention_grad(ctx, dout, _dlse):
+    q, k, v, k_prefix, v_prefix, out, lse, lens = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dkdv = need[1] or need[2]
+    dq, dk, dv, dkp, dvp = torch.ops.promptcore.prefix_attention_backward(
+        dout, q, k, v, k_prefix, v_prefix, out, lse, lens, ctx.scale, need_dkdv)
+    if not need_dkdv:
+        dk = dv = None
+    return dq, dk, dv, dkp, dvp, None, None
+
+
+_prefix_attention_op.register_autograd(_prefix_attention_grad, setup_context=_prefix_attention_setup)
 
 
 def prefix_attention(
@@ -527,8 +579,9 @@ def prefix_attention(
 ) -> torch.Tensor:
     """Suffix queries over [group prefix K/V ; own causal suffix K/V]; returns (G, C, S, H, d).
 
-    Runs the fused Triton kernels when :func:`use_triton` says so; mixed input dtypes, empty tensors
-    and head dims above 128 take the PyTorch reference.
+    Runs the fused Triton kernels, as the custom op ``torch.ops.promptcore.prefix_attention`` (which
+    torch.compile captures), when :func:`use_triton` says so; mixed input dtypes, empty tensors and
+    head dims above 128 take the PyTorch reference.
     """
     tensors = (q, k, v, k_prefix, v_prefix)
     same_dtype = all(t.dtype == q.dtype for t in tensors)
@@ -546,4 +599,4 @@ def prefix_attention(
         if suffix_lens.shape != (C,):
             raise ValueError(f"suffix_lens must be (C,) = ({C},), got {tuple(suffix_lens.shape)}")
         lens = suffix_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return PrefixAttentionFunction.apply(q, k, v, k_prefix, v_prefix, lens, scale)
+    return torch.ops.promptcore.prefix_attention(q, k, v, k_prefix, v_prefix, lens, scale)[0]

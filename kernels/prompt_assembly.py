@@ -28,7 +28,7 @@ learned context over fp16 CLIP embeddings):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -252,35 +252,71 @@ def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
     return dctx.to(ctx.dtype), (dbias.to(bias.dtype) if bias is not None else None)
 
 
-class AssemblePromptsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx_, token_embeds, slots, pos, ctx, bias, ctx_layout):
-        token_embeds, slots, pos, ctx, bias = (_rowwise(t) for t in (token_embeds, slots, pos, ctx, bias))
-        if ctx is None:
-            bias = None  # unused without context, as in the reference
-        out = _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout)
-        ctx_.save_for_backward(slots, ctx, bias)
-        ctx_.ctx_layout = ctx_layout
-        ctx_.meta = (token_embeds.dtype, pos.dtype)
-        return out
+# ----------------------------------------------------------------------------------------------
+# custom ops: torch.compile and CUDA graphs capture the kernels as opaque ops; the fakes give
+# shapes and dtypes only, and the backward is an op of its own so compiled training graphs hold it.
+# Schemas are spelled out: inferring them from annotations under `from __future__ import annotations`
+# depends on the torch version.
 
-    @staticmethod
-    def backward(ctx_, dout):
-        slots, ctx, bias = ctx_.saved_tensors
-        need_tok, _, need_pos, need_ctx, need_bias, _ = ctx_.needs_input_grad
-        dout = _rowwise(dout)
-        d_tok = d_pos = d_ctx = d_bias = None
-        if ctx is not None and (need_ctx or need_bias):
-            d_ctx, d_bias = _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_.ctx_layout)
-        if need_tok or need_pos:  # frozen CLIP weights in practice: plain reductions suffice
-            tok_dtype, pos_dtype = ctx_.meta
-            summed = dout.float().sum(0)  # (C, S, D)
-            if need_tok:
-                d_tok = summed if ctx is None else torch.where((slots < 0).unsqueeze(-1), summed, 0.0)
-                d_tok = d_tok.to(tok_dtype)
-            if need_pos:
-                d_pos = summed.sum(0).to(pos_dtype)
-        return d_tok, None, d_pos, d_ctx if need_ctx else None, d_bias if need_bias else None, None
+_ASSEMBLE_PROMPTS_SCHEMA = ("(Tensor token_embeds, Tensor slots, Tensor pos, Tensor? ctx, Tensor? bias, str ctx_layout)"
+                            " -> Tensor")
+_ASSEMBLE_PROMPTS_BACKWARD_SCHEMA = ("(Tensor dout, Tensor slots, Tensor ctx, Tensor? bias, str ctx_layout)"
+                                     " -> (Tensor, Tensor)")
+
+
+@torch.library.custom_op("promptcore::assemble_prompts", mutates_args=(), schema=_ASSEMBLE_PROMPTS_SCHEMA)
+def _assemble_prompts_op(token_embeds: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                         ctx: Optional[torch.Tensor], bias: Optional[torch.Tensor], ctx_layout: str) -> torch.Tensor:
+    token_embeds, slots, pos, ctx, bias = (_rowwise(t) for t in (token_embeds, slots, pos, ctx, bias))
+    return _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout)
+
+
+@_assemble_prompts_op.register_fake
+def _assemble_prompts_fake(token_embeds, slots, pos, ctx, bias, ctx_layout):
+    C, S, D = token_embeds.shape
+    return token_embeds.new_empty((_num_groups(ctx, bias, ctx_layout), C, S, D))
+
+
+@torch.library.custom_op("promptcore::assemble_prompts_backward", mutates_args=(),
+                         schema=_ASSEMBLE_PROMPTS_BACKWARD_SCHEMA)
+def _assemble_prompts_backward_op(dout: torch.Tensor, slots: torch.Tensor, ctx: torch.Tensor,
+                                  bias: Optional[torch.Tensor], ctx_layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d ctx, d bias); d bias is an empty tensor when there is no bias (an op returns tensors, not None)."""
+    d_ctx, d_bias = _assemble_prompts_bwd(_rowwise(dout), _rowwise(slots), _rowwise(ctx), _rowwise(bias), ctx_layout)
+    return d_ctx, (d_bias if d_bias is not None else ctx.new_empty((0,)))
+
+
+@_assemble_prompts_backward_op.register_fake
+def _assemble_prompts_backward_fake(dout, slots, ctx, bias, ctx_layout):
+    return ctx.new_empty(ctx.shape), (bias.new_empty(bias.shape) if bias is not None else ctx.new_empty((0,)))
+
+
+def _assemble_prompts_setup(ctx, inputs, output):
+    # ``ctx`` is autograd's context here (torch.library passes it by that name); the prompt context is ``context``
+    token_embeds, slots, pos, context, bias, ctx_layout = inputs
+    ctx.save_for_backward(slots, context, bias)
+    ctx.ctx_layout = ctx_layout
+    ctx.meta = (token_embeds.dtype, pos.dtype)
+
+
+def _assemble_prompts_grad(ctx, dout):
+    slots, context, bias = ctx.saved_tensors
+    need_tok, _, need_pos, need_ctx, need_bias, _ = ctx.needs_input_grad
+    d_tok = d_pos = d_ctx = d_bias = None
+    if context is not None and (need_ctx or need_bias):
+        d_ctx, d_bias = torch.ops.promptcore.assemble_prompts_backward(dout, slots, context, bias, ctx.ctx_layout)
+    if need_tok or need_pos:  # frozen CLIP weights in practice: plain reductions suffice
+        tok_dtype, pos_dtype = ctx.meta
+        summed = dout.float().sum(0)  # (C, S, D)
+        if need_tok:
+            d_tok = summed if context is None else torch.where((slots < 0).unsqueeze(-1), summed, 0.0)
+            d_tok = d_tok.to(tok_dtype)
+        if need_pos:
+            d_pos = summed.sum(0).to(pos_dtype)
+    return d_tok, None, d_pos, d_ctx if need_ctx else None, d_bias if need_bias else None, None
+
+
+_assemble_prompts_op.register_autograd(_assemble_prompts_grad, setup_context=_assemble_prompts_setup)
 
 
 def assemble_prompts(
@@ -293,10 +329,13 @@ def assemble_prompts(
 ) -> torch.Tensor:
     """Assemble encoder inputs (G, C, S, D) from tokens, context and positions in one pass.
 
-    Same signature and results as :func:`assemble_prompts_ref`; the fused Triton kernel runs
-    when :func:`use_triton` says so (empty inputs take the reference).
+    Same signature and results as :func:`assemble_prompts_ref`; the fused Triton kernel runs, as the
+    custom op ``torch.ops.promptcore.assemble_prompts`` (which torch.compile captures), when
+    :func:`use_triton` says so (empty inputs take the reference).
     """
     _check(token_embeds, slots, pos, ctx, bias, ctx_layout)
     if not use_triton(token_embeds, slots, pos, ctx, bias) or token_embeds.numel() == 0:
         return assemble_prompts_ref(token_embeds, slots, pos, ctx, bias, ctx_layout)
-    return AssemblePromptsFunction.apply(token_embeds, slots, pos, ctx, bias, ctx_layout)
+    if ctx is None:
+        bias = None  # unused without context, as in the reference
+    return torch.ops.promptcore.assemble_prompts(token_embeds, slots, pos, ctx, bias, ctx_layout)

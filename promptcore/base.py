@@ -24,11 +24,12 @@ class PromptModule(nn.Module):
 
     method: str = ""
 
-    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True):
+    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
+                 capture: str = "none"):
         super().__init__()
         if not hasattr(model, "encode_image") or not hasattr(model, "logit_scale"):
             raise TypeError(f"{type(model).__name__} is not an open_clip CLIP model (no encode_image / logit_scale)")
-        engine = TextEngine(model)
+        engine = TextEngine(model, capture=capture)
         engine.resolve_path(text_path)
         self.model = model
         self.engine = engine

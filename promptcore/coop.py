@@ -41,14 +41,16 @@ class CoOp(PromptModule):
         class_token_position: "end", "middle" or "front".
         text_path: "auto" (fast where exact), "fast" or "naive" (official full prompts).
         seed: seed of the random context init (None: torch's global generator).
+        capture: "none", "compile" (torch.compile of the fast text path) or "cudagraphs" (compiled and
+            replayed as CUDA graphs; CUDA only), see :mod:`promptcore.capture`.
     """
 
     method = "coop"
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 16,
                  ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
-                 text_path: str = "auto", seed: Optional[int] = None, freeze: bool = True):
-        super().__init__(model, tokenizer, text_path, freeze)
+                 text_path: str = "auto", seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, freeze, capture=capture)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"unknown class token position {class_token_position!r}; "
                              f"choose one of {', '.join(CLASS_TOKEN_POSITIONS)}")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from promptcore.kernels import assemble_prompts, prefix_attention
 
+from .capture import CapturedPath
 from .tower import TextTower
 
 PATHS = ("auto", "fast", "naive")
@@ -200,10 +201,15 @@ def _overwrite(x: torch.Tensor, positions: Sequence[int], values: torch.Tensor) 
 
 
 class TextEngine:
-    """Encodes prompt sets with the fast (shared-prefix) or naive (full-prompt) path."""
+    """Encodes prompt sets with the fast (shared-prefix) or naive (full-prompt) path.
 
-    def __init__(self, model: nn.Module):
+    ``capture`` runs the fast path eagerly ("none"), under torch.compile ("compile") or as replayed CUDA
+    graphs ("cudagraphs"); ``compile_options`` go to torch.compile (see :mod:`promptcore.capture`).
+    """
+
+    def __init__(self, model: nn.Module, capture: str = "none", compile_options: Optional[dict] = None):
         self.tower = TextTower(model)
+        self.fast = CapturedPath(self.encode_fast, capture, compile_options)
 
     @property
     def fast_path_available(self) -> bool:
@@ -246,7 +252,7 @@ class TextEngine:
         if resolved == "fast" and (prompts.prefix_len == 0 or outside):
             resolved = "naive"
         if resolved == "fast":
-            return self.encode_fast(prompts, ctx, bias, layer_prompts)
+            return self.fast(prompts, ctx, bias, layer_prompts)
         return self.encode_naive(prompts, ctx, bias, layer_prompts)
 
     # -- naive path -------------------------------------------------------------------------
