@@ -143,3 +143,32 @@ def test_capture_steps_aside_under_an_outer_capture():
     path = CapturedPath(lambda x: calls.append(1) or x * 2, "compile", {"backend": "eager"})
     out = torch.compile(lambda x: path(x) + 1, backend="eager", fullgraph=True)(torch.ones(3))
     assert torch.equal(out, torch.full((3,), 3.0)) and path._compiled is None
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed on this platform")
+def test_compiled_scoring_holds_the_cosine_op(monkeypatch):
+    """A compiled scoring step (CoOp's logits, TPT's grouped form with entropy) keeps the fused cosine op."""
+    monkeypatch.setenv("PROMPTCORE_BACKEND", "triton")
+    from promptcore.kernels import cosine_logits
+
+    gen = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(3, 5, 32, generator=gen), torch.randn(3, 7, 32, generator=gen, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+
+    def step(img, txt, scale):
+        flat = cosine_logits(img[0], txt[0], scale)
+        grouped = cosine_logits(img, txt, scale, with_entropy=True, out_dtype=torch.float32)
+        return flat, grouped.logits, grouped.entropy
+
+    recorder = GraphRecorder()
+    got = torch.compile(step, backend=recorder.backend, fullgraph=True)(img, txt, scale)
+    want = step(img, txt, scale)
+    assert "promptcore.cosine_logits.default" in recorder.ops(), sorted(recorder.ops())
+    for a, b in zip(got, want):
+        assert_close_scaled(a, b, name="compiled scoring")
+    loss = lambda out: out[0].sum() + out[1].pow(2).sum()  # noqa: E731
+    g_got = torch.autograd.grad(loss(got), (txt, scale))
+    g_want = torch.autograd.grad(loss(want), (txt, scale))
+    assert "promptcore.cosine_logits_backward.default" in recorder.ops()
+    for a, b in zip(g_got, g_want):
+        assert_close_scaled(a, b, reduction=5 * 7, name="compiled scoring gradient")
