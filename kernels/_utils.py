@@ -91,6 +91,28 @@ else:  # the kernel files import these names; without Triton they are never call
     cast_for_store = None
 
 
+_TUNERS: dict = {}
+
+
+def autotuned(kernel, name: str, configs: list, key: list, prune=None):
+    """The ``triton.autotune`` wrapper of ``kernel`` for one config class ``name``, built on first use.
+
+    ``configs`` are ``(meta-parameters, num_warps, num_stages)`` triples, every one checked by the resource
+    gate on sm_80 and sm_90; the first is the default. Under the interpreter only that one is kept (nothing
+    to time there, and tests stay fast). ``key`` names the kernel arguments whose values re-tune (the
+    autotuner adds the tensors' dtypes itself); ``prune`` is an ``early_config_prune``. One tuner per class
+    (kernel, dtype, alignment, head dim...) keeps the classes' timings apart and their config lists small.
+    """
+    tuner = _TUNERS.get(name)
+    if tuner is None:
+        chosen = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in configs]
+        if INTERPRETED:
+            chosen = chosen[:1]
+        prune_by = {"early_config_prune": prune} if prune is not None else None
+        tuner = _TUNERS[name] = triton.autotune(chosen, key=key, prune_configs_by=prune_by)(kernel)
+    return tuner
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for tiles of ``dtype``.
 

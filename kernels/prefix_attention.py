@@ -19,16 +19,17 @@ Triton path (fp16, bf16, fp32; head dims up to 128, padded to 64 or 128 with mas
   ``_online_softmax_update``); it writes the output and the row log-sum-exp (fp32, for the backward).
 * backward, three launches of two kernels: (1) per query block: delta = <dout, out> and dq;
   (2) per suffix-key block: dk, dv of the suffix (no other program touches those keys); (3) per
-  prefix-key block and split of SPLIT_BLOCKS query blocks: an fp32 partial of dk_prefix/dv_prefix,
-  the partials then summed in a fixed order (deterministic; no atomics).
-* tiles, warps and fp32 dot precision per kernel, dtype, alignment and head dim (``_TILES``),
-  chosen with the static resource gate (``python -m promptcore.kernels.resources``); head dims
-  above 128 take the reference.
+  prefix-key block and split of SPLIT_ROWS query rows: an fp32 partial of dk_prefix/dv_prefix,
+  the partials then summed in a fixed order (deterministic; no atomics; the split does not depend on tiles).
+* tiles, warps and fp32 dot precision per kernel, dtype, alignment and head dim (``_CONFIGS``), every
+  config checked by the static resource gate (``python -m promptcore.kernels.resources``); on CUDA
+  ``triton.autotune`` picks among a class's configs per (rows, suffix length, prefix length, head dim,
+  dtype); the interpreter runs the first. Head dims above 128 take the reference.
 * q/k/v may be strided views of a fused qkv projection: strides are passed as they are
   (the head dim must have stride 1, and expanded stride-0 views are copied).
 * on CUDA, fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation, probabilities
   rounded to the input dtype before P @ V, as FlashAttention does); compiled fp32 runs 3xTF32
-  or IEEE fp32 dots (see ``_config``); under the interpreter every tile is upcast to fp32.
+  or IEEE fp32 dots (see ``_IEEE_FP32``); under the interpreter every tile is upcast to fp32.
 * ``k_prefix`` with a group dim of 1 is broadcast over groups (stride 0, not copied); its
   grads are then summed over groups too.
 """
@@ -42,6 +43,7 @@ import torch
 
 from ._utils import (
     HAS_TRITON,
+    autotuned,
     cast_for_store,
     dot_in_input_dtype,
     dot_precision,
@@ -354,7 +356,7 @@ def prefix_attention_ref(
 # host launchers
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # head dims up to 64 run in 64-wide tiles, up to 128 in 128-wide ones
-SPLIT_BLOCKS = 16  # query blocks per partial of the prefix grads (the second stage sums the partials)
+SPLIT_ROWS = 256  # query rows per partial of the prefix grads, a multiple of every BLOCK_M (stage 2 sums them)
 
 
 def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
@@ -363,40 +365,59 @@ def _as_kernel_input(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# (kernel, fp32, vector-aligned inputs, head dim <= 64) -> (BLOCK_M query rows, BLOCK_N keys, warps), chosen
-# with the resource gate (python -m promptcore.kernels.resources) to keep registers from spilling on sm_80 and
-# sm_90. fp32 tiles hold twice the bytes of fp16/bf16 ones; unaligned inputs load element by element (a
-# 64-bit address each), so they get small tiles over 8 warps; the backward kernels keep more tiles live.
-_TILES = {
-    ("fwd", False, True, True): (64, 32, 4), ("fwd", False, True, False): (64, 16, 4),
-    ("fwd", False, False, True): (32, 32, 8), ("fwd", False, False, False): (16, 16, 8),
-    ("fwd", True, True, True): (32, 32, 4), ("fwd", True, True, False): (16, 16, 4),
-    ("fwd", True, False, True): (16, 16, 4), ("fwd", True, False, False): (16, 16, 8),
-    ("dq", False, True, True): (64, 16, 4), ("dq", False, True, False): (64, 32, 4),
-    ("dq", False, False, True): (32, 32, 8), ("dq", False, False, False): (16, 16, 8),
-    ("dkdv", False, True, True): (32, 32, 4), ("dkdv", False, True, False): (32, 32, 4),
-    ("dkdv", False, False, True): (16, 32, 8), ("dkdv", False, False, False): (16, 16, 8),
-    ("dkdv_prefix", False, True, True): (32, 32, 4), ("dkdv_prefix", False, True, False): (32, 32, 4),
-    ("dkdv_prefix", False, False, True): (16, 32, 8), ("dkdv_prefix", False, False, False): (16, 16, 8),
+# Autotune configs per (kernel, fp32, vector-aligned inputs, head dim <= 64): ((BLOCK_M query rows, BLOCK_N
+# keys), warps, stages), the first the default (and the interpreter's). Every config passes the resource gate
+# (python -m promptcore.kernels.resources: no spill, >= 1 CTA per SM on sm_80 and sm_90, Triton 3.8 and 3.9).
+# fp32 tiles hold twice the bytes of fp16/bf16 ones and unaligned inputs load element by element (a 64-bit
+# address each): those classes fit one tile size only, so they are not tuned; the backward keeps more tiles
+# live than the forward.
+_LOW_ALIGNED = {
+    ("fwd", True): [((64, 32), 4, 2), ((128, 32), 8, 2)],
+    ("fwd", False): [((64, 16), 4, 2), ((64, 32), 8, 2)],
+    ("dq", True): [((64, 16), 4, 2), ((64, 32), 8, 2)],
+    ("dq", False): [((64, 32), 4, 2), ((64, 32), 8, 2)],
+    ("dkdv", True): [((32, 32), 4, 2), ((32, 64), 8, 2)],
+    ("dkdv", False): [((32, 32), 4, 2), ((32, 64), 8, 2)],
+    ("dkdv_prefix", True): [((32, 32), 4, 2)],  # the prefix is one or two key blocks: little to tune
+    ("dkdv_prefix", False): [((32, 32), 4, 2)],
 }
-# fp32 backward: 16 x 16 tiles. IEEE fp32 dots (FMA units) fit 4 warps without spilling at head dim <= 64
-# (and cost less than 3xTF32, whose hi/lo operand splits double the live tiles), except for the aligned
-# prefix keys; at head dim 128 only 3xTF32 over 8 warps comes close (see the README's resource table)
+_CONFIGS = {(kernel, False, True, small): cfgs for (kernel, small), cfgs in _LOW_ALIGNED.items()}
+_CONFIGS.update({
+    ("fwd", False, False, True): [((32, 32), 8, 2)], ("fwd", False, False, False): [((16, 16), 8, 2)],
+    ("fwd", True, True, True): [((32, 32), 4, 1)], ("fwd", True, True, False): [((16, 16), 4, 1)],
+    ("fwd", True, False, True): [((16, 16), 4, 1)], ("fwd", True, False, False): [((16, 16), 8, 1)],
+    ("dq", False, False, True): [((32, 32), 8, 2)], ("dq", False, False, False): [((16, 16), 8, 2)],
+    ("dkdv", False, False, True): [((16, 32), 8, 2)], ("dkdv", False, False, False): [((16, 16), 8, 2)],
+    ("dkdv_prefix", False, False, True): [((16, 32), 8, 2)], ("dkdv_prefix", False, False, False): [((16, 16), 8, 2)],
+})
+# fp32 backward: 16 x 16 tiles. IEEE fp32 dots (FMA units) fit without spilling at head dim <= 64 over 4 warps
+# (and cost less than 3xTF32, whose hi/lo operand splits double the live tiles), and over 8 warps for unaligned
+# inputs at head dim 128; aligned head dim 128 (and aligned prefix keys at 64) run 3xTF32 over 8 warps
 _IEEE_FP32 = {("dq", True, True), ("dq", False, True), ("dkdv", True, True), ("dkdv", False, True),
-              ("dkdv_prefix", False, True)}  # (kernel, aligned, head dim <= 64)
-for kernel in ("dq", "dkdv", "dkdv_prefix"):
-    for aligned in (True, False):
-        for small in (True, False):
-            _TILES[(kernel, True, aligned, small)] = (16, 16, 4 if (kernel, aligned, small) in _IEEE_FP32 else 8)
+              ("dkdv_prefix", False, True), ("dq", False, False), ("dkdv", False, False),
+              ("dkdv_prefix", False, False)}  # (kernel, aligned, head dim <= 64)
+_CONFIGS.update({(kind, True, aligned, small): [((16, 16), 4 if small and (kind, aligned, small) in _IEEE_FP32 else 8,
+                                                  1)]
+                 for kind in ("dq", "dkdv", "dkdv_prefix") for aligned in (True, False) for small in (True, False)})
+_TUNE_KEYS = {"fwd": ["R", "S", "P", "D"], "dq": ["R", "S", "P", "D"], "dkdv": ["R", "S", "NK", "D"],
+              "dkdv_prefix": ["R", "S", "NK", "D"]}  # rows (classes x suffix), suffix length, prefix, head dim
 
 
-def _config(kernel: str, d: int, dtype: torch.dtype, aligned: bool) -> dict:
-    """Tiles, warps, stages and fp32 dot precision of ``kernel`` ("fwd", "dq", "dkdv" or "dkdv_prefix")."""
+def configs(kernel: str, d: int, dtype: torch.dtype, aligned: bool) -> list[dict]:
+    """Autotune configs of ``kernel`` ("fwd", "dq", "dkdv" or "dkdv_prefix"): tiles, warps, stages, fp32 dots."""
     fp32 = dtype == torch.float32
-    block_m, block_n, warps = _TILES[(kernel, fp32, aligned, d <= 64)]
     dot = "ieee" if fp32 and (kernel, aligned, d <= 64) in _IEEE_FP32 else dot_precision(dtype)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64 if d <= 64 else 128, num_warps=warps,
-                num_stages=1 if fp32 else 2, DOT=dot)
+    return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, DOT=dot)
+            for (m, n), w, s in _CONFIGS[(kernel, fp32, aligned, d <= 64)]]
+
+
+def _tuned(kernel_fn, kernel: str, d: int, dtype: torch.dtype, aligned: bool):
+    """``kernel_fn`` under the autotuner of its config class, and the fixed meta-parameters (BLOCK_D, DOT)."""
+    cfgs = configs(kernel, d, dtype, aligned)
+    name = f"prefix_attention.{kernel}.{'fp32' if dtype == torch.float32 else 'low'}.{aligned}.{d <= 64}"
+    tuner = autotuned(kernel_fn, name, [({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, c["num_warps"],
+                                         c["num_stages"]) for c in cfgs], _TUNE_KEYS[kernel])
+    return tuner, dict(BLOCK_D=64 if d <= 64 else 128, DOT=cfgs[0]["DOT"])
 
 
 def _prefix_strides(t: torch.Tensor, groups: int):
@@ -411,9 +432,9 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
     R = C * S
     out = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
-    cfg = _config("fwd", d, q.dtype, vector_aligned(out, q, k, v, k_prefix, v_prefix))
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]), G * H)
-    _prefix_attention_fwd_kernel[grid](
+    kernel, meta = _tuned(_prefix_attention_fwd_kernel, "fwd", d, q.dtype,
+                          vector_aligned(out, q, k, v, k_prefix, v_prefix))
+    kernel[lambda cfg: (triton.cdiv(R, cfg["BLOCK_M"]), G * H)](
         out, *out.stride()[:4],
         lse,
         q, *q.stride()[:4],
@@ -423,7 +444,7 @@ def _prefix_attention_fwd(q, k, v, k_prefix, v_prefix, lens, scale):
         v_prefix, *_prefix_strides(v_prefix, G),
         lens,
         R, S, H, P, d, scale * math.log2(math.e),
-        UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out), **cfg,
+        UPCAST=not dot_in_input_dtype(q), RTNE_BF16=needs_bf16_rounding(out), **meta,
     )
     return out, lse
 
@@ -433,12 +454,12 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
     Gp, P = k_prefix.shape[:2]
     R = C * S
     aligned = vector_aligned(dout, q, k, v, k_prefix, v_prefix, out)
-    cfg = _config("dq", d, q.dtype, aligned)
     upcast = not dot_in_input_dtype(q)
     qk_scale = scale * math.log2(math.e)
     dq = torch.empty((G, C, S, H, d), dtype=q.dtype, device=q.device)
     delta = torch.empty((G, H, R), dtype=torch.float32, device=q.device)
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(R, cfg["BLOCK_M"]), G * H)](
+    kernel, meta = _tuned(_prefix_attention_bwd_dq_kernel, "dq", d, q.dtype, aligned)
+    kernel[lambda cfg: (triton.cdiv(R, cfg["BLOCK_M"]), G * H)](
         dq, *dq.stride()[:4],
         delta,
         q, *q.stride()[:4],
@@ -450,14 +471,14 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
         dout, *dout.stride()[:4],
         lse, lens,
         R, S, H, P, d, qk_scale, scale,
-        UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq), **cfg,
+        UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dq), **meta,
     )
-    kv_cfg = _config("dkdv", d, q.dtype, aligned)  # walks query blocks (BLOCK_M) per key block (BLOCK_N)
     dk = dv = None
-    if need_dkdv:
+    if need_dkdv:  # walks query blocks (BLOCK_M) per key block (BLOCK_N)
         dk = torch.empty((G, C, S, H, d), dtype=k.dtype, device=q.device)
         dv = torch.empty((G, C, S, H, d), dtype=v.dtype, device=q.device)
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(R, kv_cfg["BLOCK_N"]), G * H, 1)](
+        kernel, meta = _tuned(_prefix_attention_bwd_dkdv_kernel, "dkdv", d, q.dtype, aligned)
+        kernel[lambda cfg: (triton.cdiv(R, cfg["BLOCK_N"]), G * H, 1)](
             dk, 0, dk.stride(1), dk.stride(0), dk.stride(2), dk.stride(3),
             dv, 0, dv.stride(1), dv.stride(0), dv.stride(2), dv.stride(3),
             q, *q.stride()[:4],
@@ -466,20 +487,20 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             dout, *dout.stride()[:4],
             lse, delta, lens,
             R, S, H, R, d, R, qk_scale, scale,
-            PREFIX_KEYS=False, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk), **kv_cfg,
+            PREFIX_KEYS=False, UPCAST=upcast, RTNE_BF16=needs_bf16_rounding(dk), **meta,
         )
-    # prefix grads, stage 1: one fp32 partial per (split of query rows, group); stage 2: a fixed-order sum
+    # prefix grads, stage 1: one fp32 partial per (split of SPLIT_ROWS query rows, group), whatever the tiles;
+    # stage 2: a fixed-order sum
     dkp = torch.zeros(k_prefix.shape, dtype=torch.float32, device=q.device)
     dvp = torch.zeros(v_prefix.shape, dtype=torch.float32, device=q.device)
     if P > 0:
-        kp_cfg = _config("dkdv_prefix", d, q.dtype, aligned)
-        rows_per_split = SPLIT_BLOCKS * kp_cfg["BLOCK_M"]
-        splits = triton.cdiv(R, rows_per_split)
+        splits = triton.cdiv(R, SPLIT_ROWS)
         dkp_part = torch.empty((splits, G, P, H, d), dtype=torch.float32, device=q.device)
         dvp_part = torch.empty_like(dkp_part)
         kp_sg, kp_sp, kp_sh = _prefix_strides(k_prefix, G)
         vp_sg, vp_sp, vp_sh = _prefix_strides(v_prefix, G)
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(P, kp_cfg["BLOCK_N"]), G * H, splits)](
+        kernel, meta = _tuned(_prefix_attention_bwd_dkdv_kernel, "dkdv_prefix", d, q.dtype, aligned)
+        kernel[lambda cfg: (triton.cdiv(P, cfg["BLOCK_N"]), G * H, splits)](
             dkp_part, dkp_part.stride(0), 0, dkp_part.stride(1), dkp_part.stride(2), dkp_part.stride(3),
             dvp_part, dvp_part.stride(0), 0, dvp_part.stride(1), dvp_part.stride(2), dvp_part.stride(3),
             q, *q.stride()[:4],
@@ -487,8 +508,8 @@ def _prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, lens, sca
             v_prefix, vp_sg, 0, vp_sp, vp_sh,
             dout, *dout.stride()[:4],
             lse, delta, lens,
-            R, S, H, P, d, rows_per_split, qk_scale, scale,
-            PREFIX_KEYS=True, UPCAST=upcast, RTNE_BF16=False, **kp_cfg,
+            R, S, H, P, d, SPLIT_ROWS, qk_scale, scale,
+            PREFIX_KEYS=True, UPCAST=upcast, RTNE_BF16=False, **meta,
         )
         dims = (0,) if Gp == G else (0, 1)  # a prefix broadcast over groups gets the sum over groups too
         dkp = dkp_part.sum(dims).reshape(k_prefix.shape)

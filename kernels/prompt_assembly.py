@@ -24,6 +24,10 @@ learned context over fp16 CLIP embeddings):
 * grads of ``token_embeds`` and ``pos`` (rarely wanted: they are frozen CLIP weights) are
   plain torch reductions of the output grad, computed only when asked for.
 * slots >= K (no such context row) read a zero context row here; the reference raises.
+* tiles and warps: ``CONFIGS`` per alignment class, each config checked by the resource gate; on CUDA
+  ``triton.autotune`` picks one per (rows, suffix length, D, dtypes), the interpreter runs the first.
+  The partition never changes a sum's order (one writer per partial row, groups summed in a fixed
+  loop), so every config gives bit-identical results.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 
 from ._utils import (
     HAS_TRITON,
+    autotuned,
     cast_for_store,
     needs_bf16_rounding,
     next_pow2,
@@ -202,10 +207,30 @@ def _ctx_strides(t, ctx_layout):
     return t.stride(0), 0, t.stride(1)
 
 
-def _blocks(D: int, *tensors) -> tuple:
-    """(rows, columns) per tile: unaligned inputs load element by element, a 64-bit address each,
-    so their tiles are a quarter of the size (the resource gate checks neither spills)."""
-    return 32, min(128 if vector_aligned(*tensors) else 32, next_pow2(D, 16))
+# Autotune configs ((BLOCK_R rows, BLOCK_D columns), warps, stages), the first the default (and the
+# interpreter's); every one passes the resource gate with no spill and >= 2 CTAs per SM on sm_80 and sm_90
+# (python -m promptcore.kernels.resources). Unaligned inputs load element by element, a 64-bit address each,
+# so their tiles are a quarter of the size, and they are not tuned.
+CONFIGS = {
+    True: [((32, 128), 4, 3), ((16, 128), 4, 3)],
+    False: [((32, 32), 4, 3)],
+}
+_TUNE_KEYS = {"fwd": ["R", "S", "D"], "bwd": ["R", "S", "D", "K", "GROUPS_PER_PROGRAM"]}
+
+
+def _fit_columns(configs, named_args, **kwargs):
+    """``early_config_prune``: drop configs whose column tile is wider than D needs, if a narrower one exists."""
+    need = next_pow2(named_args["D"], 16)
+    fits = [c for c in configs if c.kwargs["BLOCK_D"] <= need]
+    narrowest = min(c.kwargs["BLOCK_D"] for c in configs)
+    return fits or [c for c in configs if c.kwargs["BLOCK_D"] == narrowest]
+
+
+def _tuned(kernel_fn, kind: str, *tensors):
+    """``kernel_fn`` under the autotuner of its class (``kind`` "fwd" or "bwd", aligned inputs or not)."""
+    aligned = vector_aligned(*tensors)
+    configs = [({"BLOCK_R": r, "BLOCK_D": d}, w, s) for (r, d), w, s in CONFIGS[aligned]]
+    return autotuned(kernel_fn, f"prompt_assembly.{kind}.{aligned}", configs, _TUNE_KEYS[kind], _fit_columns)
 
 
 def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
@@ -215,8 +240,8 @@ def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
     out = torch.empty((G, C, S, D), dtype=token_embeds.dtype, device=token_embeds.device)
     has_ctx = ctx is not None
     has_bias = has_ctx and bias is not None
-    block_r, block_d = _blocks(D, out, token_embeds, pos, ctx, bias)
-    _assemble_prompts_fwd_kernel[(triton.cdiv(R, block_r), G)](
+    kernel = _tuned(_assemble_prompts_fwd_kernel, "fwd", out, token_embeds, pos, ctx, bias)
+    kernel[lambda cfg: (triton.cdiv(R, cfg["BLOCK_R"]), G)](
         out, out.stride(0), out.stride(1), out.stride(2),
         token_embeds, token_embeds.stride(0), token_embeds.stride(1),
         slots, slots.stride(0), slots.stride(1),
@@ -224,7 +249,7 @@ def _assemble_prompts_fwd(token_embeds, slots, pos, ctx, bias, ctx_layout):
         ctx if has_ctx else out, *(_ctx_strides(ctx, ctx_layout) if has_ctx else (0, 0, 0)),
         bias if has_bias else out, bias.stride(0) if has_bias else 0,
         R, S, D, ctx.shape[-2] if has_ctx else 0,
-        HAS_CTX=has_ctx, HAS_BIAS=has_bias, RTNE_BF16=needs_bf16_rounding(out), BLOCK_R=block_r, BLOCK_D=block_d,
+        HAS_CTX=has_ctx, HAS_BIAS=has_bias, RTNE_BF16=needs_bf16_rounding(out),
     )
     return out
 
@@ -237,13 +262,12 @@ def _assemble_prompts_bwd(dout, slots, ctx, bias, ctx_layout):
     # or bias, otherwise one program sums every group in registers
     per_group = ctx_layout == "group" or bias is not None
     part = torch.zeros((G if per_group else 1, C, K, D), dtype=torch.float32, device=dout.device)
-    block_r, block_d = _blocks(D, part, dout)
-    _assemble_prompts_bwd_kernel[(triton.cdiv(R, block_r), G if per_group else 1)](
+    kernel = _tuned(_assemble_prompts_bwd_kernel, "bwd", part, dout)
+    kernel[lambda cfg: (triton.cdiv(R, cfg["BLOCK_R"]), G if per_group else 1)](
         part, part.stride(0), part.stride(1), part.stride(2),
         dout, dout.stride(0), dout.stride(1), dout.stride(2),
         slots, slots.stride(0), slots.stride(1),
         R, S, D, K, 1 if per_group else G,
-        BLOCK_R=block_r, BLOCK_D=block_d,
     )
     # stage 2: fixed-order sums (deterministic, unlike atomics into rows shared by every class)
     dims = {"shared": (0, 1), "class": (0,), "group": (1,)}[ctx_layout]

@@ -1,11 +1,13 @@
 """Static resource gate: compile every kernel variant for real GPU targets and read the cubins.
 
-    python -m promptcore.kernels.resources [--arch sm_90 sm_80] [--kernel NAME ...] [--json] [--jobs N]
+    python -m promptcore.kernels.resources [--arch sm_90 sm_80] [--kernel NAME ...] [--json | --markdown] [--jobs N]
 
 No GPU is needed. The host launchers of the three ops are run on small CPU tensors (one case per
 dtype and per flag combination they can take) with ``JITFunction.run`` replaced by a recorder, so
 the captured launches carry exactly the block sizes, warps, stages and constexprs the launchers
-pick, and the JIT's own binder gives the signature and the ``tt.divisibility`` specialisations it
+pick (launches through ``triton.autotune`` are recorded once per config the tuner may pick, after its
+``early_config_prune``; the ``config`` key of a row says "autotune i/n", or "fixed" for a plain launch),
+and the JIT's own binder gives the signature and the ``tt.divisibility`` specialisations it
 applies to 16-byte-aligned pointers and integers divisible by 16. Each captured variant is compiled
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` twice per arch: with those
 specialisations ("aligned") and with none ("unaligned": a view at an odd offset, odd strides).
@@ -82,10 +84,12 @@ class Launch:
     dtype: str
     case: str
     aligned: bool
+    config: str = ""  # "i/n": the autotune config it is, of the n its tuner may pick for this launch
 
 
 _LAUNCHES: list[Launch] = []
 _CASE = {"dtype": "?", "case": "", "aligned": True}
+_CONFIG = [""]
 
 
 @contextlib.contextmanager
@@ -95,12 +99,19 @@ def _recording():
     from triton.runtime.jit import JITFunction
 
     def record(self, *args, grid, warmup, **kwargs):
-        _LAUNCHES.append(Launch(self, args, kwargs, _CASE["dtype"], _CASE["case"], _CASE["aligned"]))
+        _LAUNCHES.append(Launch(self, args, kwargs, _CASE["dtype"], _CASE["case"], _CASE["aligned"], _CONFIG[0]))
 
-    def record_tuned(self, *args, **kwargs):  # every config the tuner may pick is a variant
+    def record_tuned(self, *args, **kwargs):  # every config the tuner may pick (after its pruning) is a variant
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        for config in self.configs:
-            self.fn.run(*args, grid=None, warmup=False, **{**kwargs, **config.all_kwargs()})
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+        self.nargs = None
+        try:
+            for i, config in enumerate(configs):
+                _CONFIG[0] = f"{i + 1}/{len(configs)}"
+                self.fn.run(*args, grid=None, warmup=False, **{**kwargs, **config.all_kwargs()})
+        finally:
+            _CONFIG[0] = ""
 
     saved = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = record, record_tuned
@@ -218,6 +229,7 @@ class Variant:
     constexprs: dict
     attrs: dict
     options: dict
+    config: str = ""
 
     @property
     def name(self) -> str:
@@ -255,7 +267,7 @@ def _variants(launches: list[Launch], archs: list[str]) -> list[Variant]:
                 continue
             seen.add(key)
             out.append(Variant(fn, launch.dtype, launch.case, arch, aligned, signature, constexprs,
-                               attrs if aligned else {}, opts))
+                               attrs if aligned else {}, opts, launch.config))
     return out
 
 
@@ -283,7 +295,8 @@ def _compile_one(variant: Variant) -> dict:
     from triton.compiler import ASTSource
 
     row = {"kernel": variant.name, "arch": variant.arch, "dtype": variant.dtype, "variant": variant.describe(),
-           "num_warps": variant.options["num_warps"], "aligned": variant.aligned}
+           "num_warps": variant.options["num_warps"], "aligned": variant.aligned,
+           "config": f"autotune {variant.config}" if variant.config else "fixed"}
     try:
         target = GPUTarget("cuda", ARCHS[variant.arch].capability, 32)
         src = ASTSource(variant.kernel, variant.signature, variant.constexprs, variant.attrs)
@@ -349,12 +362,50 @@ def _compile_pending(index: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("kernel", "arch", "dtype", "regs", "spill", "smem", "ctas/SM", "variant")
+    head = ("kernel", "arch", "dtype", "regs", "spill", "smem", "ctas/SM", "config", "variant")
     body = [(r["kernel"], r["arch"], r["dtype"], str(r["regs"]), str(r["spill_bytes"]), str(r["smem_bytes"]),
-             str(r["ctas_per_sm"]), r["variant"] + (f"  ERROR {r['error']}" if r.get("error") else ""))
+             str(r["ctas_per_sm"]), r["config"], r["variant"] + (f"  ERROR {r['error']}" if r.get("error") else ""))
             for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body])
+
+
+def _worst(rows: list[dict]) -> str:
+    """max registers / max spilled bytes / min CTAs per SM over ``rows`` ("-" if none)."""
+    if not rows:
+        return "-"
+    return (f"{max(r['regs'] or 0 for r in rows)} / {max(r['spill_bytes'] or 0 for r in rows)} / "
+            f"{min(r['ctas_per_sm'] for r in rows)}")
+
+
+def _tiles(variant: str) -> str:
+    """The tile part of a variant description: head dim case, key kind, BLOCK_* sizes, warps and stages."""
+    keep = ("d=", "PREFIX_KEYS=", "BLOCK_")
+    return " ".join(t for t in variant.split() if t.startswith(keep) or re.fullmatch(r"[ws]\d+", t))
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """The README's two tables: worst case per kernel, dtype, arch and alignment; then each config of the
+    classes that autotune between several (worst over fp16/bf16 and flags): regs / spilled bytes / CTAs per SM."""
+    archs = sorted({r["arch"] for r in rows}, reverse=True)
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    cols = [(a, al) for al in (True, False) for a in archs]
+    out = ["| kernel | dtype | " + " | ".join(f"{a} {'aligned' if al else 'unaligned'}" for a, al in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for k in kernels:
+        for dt in ("fp16", "bf16", "fp32"):
+            sel = [r for r in rows if r["kernel"] == k and r["dtype"] == dt]
+            if sel:
+                out.append(f"| `{k}` | {dt} | " + " | ".join(
+                    _worst([r for r in sel if r["arch"] == a and r["aligned"] == al]) for a, al in cols) + " |")
+    tuned = [r for r in rows if re.fullmatch(r"autotune \d+/([2-9]|\d\d+)", r.get("config", ""))]
+    out += ["", "| kernel | config | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
+    for k in kernels:
+        for tiles in dict.fromkeys(_tiles(r["variant"]) for r in tuned if r["kernel"] == k):
+            sel = [r for r in tuned if r["kernel"] == k and _tiles(r["variant"]) == tiles]
+            out.append(f"| `{k}` | {tiles} | " + " | ".join(_worst([r for r in sel if r["arch"] == a])
+                                                            for a in archs) + " |")
+    return "\n".join(out)
 
 
 def _compiled_kernels_loaded() -> bool:
@@ -371,6 +422,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(_DTYPE_NAMES.values()),
                         help="only these dtypes")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README's worst-case and autotune-config tables instead of every row")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     bad = [a for a in args.arch if a not in ARCHS]
@@ -393,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="promptcore-resources-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh every run: nothing cached can hide a change
         rows = collect(args.arch, args.kernel, max(1, args.jobs), args.dtype)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=1) if args.json else format_markdown(rows) if args.markdown else format_table(rows))
     problems = failures(rows)
     for line in problems:
         print(f"FAIL {line}", file=sys.stderr)

@@ -11,6 +11,7 @@ from promptcore.kernels import prefix_attention, prefix_attention_ref
 
 # the package re-exports a function of the same name, so fetch the module itself
 pa = importlib.import_module("promptcore.kernels.prefix_attention")
+utils = importlib.import_module("promptcore.kernels._utils")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ["q", "k", "v", "k_prefix", "v_prefix"]
@@ -139,8 +140,7 @@ def test_prefix_grads_two_stage_reduction_is_deterministic(device):
     """Enough rows for several partials of the prefix grads: right against the reference, bit-equal twice."""
     G, C, S, H, d, P = 1, 70, 8, 1, 16, 5
     args = make_inputs(G, C, S, H, d, P, 1, torch.float32, device, seed=11)
-    cfg = pa._config("dkdv_prefix", d, torch.float32, pa.vector_aligned(*args))
-    assert C * S > pa.SPLIT_BLOCKS * cfg["BLOCK_M"], "the shape must span more than one partial"
+    assert C * S > pa.SPLIT_ROWS, "the shape must span more than one partial"
     fn = attention(per_class_lens(C, S).to(device))
     mask = [False, False, False, True, True]
     check_op(fn(prefix_attention), fn(prefix_attention_ref), args, mask, torch.float32, NAMES)
@@ -151,3 +151,66 @@ def test_prefix_grads_two_stage_reduction_is_deterministic(device):
         runs.append(torch.autograd.grad(out.square().sum(), (kp, vp)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [16, 64, 100, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv", "dkdv_prefix"])
+def test_autotune_configs(kernel, aligned, dtype, d):
+    """Every class has configs; tiles fit tl.dot (>= 16), the prefix split is a whole number of query blocks,
+    fp32 dots are the same for every config of a class (tuning never changes the numerics' kind)."""
+    cfgs = pa.configs(kernel, d, dtype, aligned)
+    assert cfgs
+    for c in cfgs:
+        assert c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 and c["num_warps"] in (4, 8)
+        assert pa.SPLIT_ROWS % c["BLOCK_M"] == 0
+    assert len({c["DOT"] for c in cfgs}) == 1
+    if dtype == torch.float32 or not aligned:
+        assert len(cfgs) == 1, "fp32 and unaligned classes fit one tile size (see the resource gate)"
+    # fp32 head dim 128 on unaligned views: IEEE dots over 8 warps (3xTF32 spilled there)
+    if dtype == torch.float32 and not aligned and d > 64 and kernel != "fwd":
+        assert cfgs[0]["DOT"] == "ieee" and cfgs[0]["num_warps"] == 8
+
+
+def test_launches_go_through_the_autotuner(monkeypatch, device):
+    """Each launcher launches through a triton.autotune wrapper; under the interpreter with one config,
+    the first (default) one; the prefix-grad partials are split by SPLIT_ROWS, not by the config's tiles."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = []
+    run = Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.base_fn.__name__, [c.all_kwargs() for c in self.configs], args[0].shape))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", spy)
+    G, C, S, H, d, P = 1, 40, 8, 1, 16, 3
+    q, k, v, kp, vp = (t.requires_grad_() for t in make_inputs(G, C, S, H, d, P, 1, torch.float16, device))
+    prefix_attention(q, k, v, kp, vp).float().square().sum().backward()
+    names = [name for name, _, _ in seen]
+    assert names == ["_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel",
+                     "_prefix_attention_bwd_dkdv_kernel", "_prefix_attention_bwd_dkdv_kernel"]
+    aligned = pa.vector_aligned(q, k, v, kp, vp)
+    for (name, got, _), kind in zip(seen, ["fwd", "dq", "dkdv", "dkdv_prefix"]):
+        want = pa.configs(kind, d, torch.float16, aligned)
+        if utils.INTERPRETED:
+            assert len(got) == 1
+        assert got[0]["BLOCK_M"] == want[0]["BLOCK_M"] and got[0]["num_warps"] == want[0]["num_warps"]
+    assert seen[-1][2][0] == -(-C * S // pa.SPLIT_ROWS), "one prefix-grad partial per SPLIT_ROWS query rows"
+
+
+@pytest.mark.parametrize("d", [48, 80], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+def test_every_autotune_config_is_right(kernel, d, monkeypatch, device):
+    """The interpreter runs only a class's first config: run each other one too, forced first, against the
+    reference (fp16, aligned fused-qkv views: the classes with more than one config)."""
+    key = (kernel, False, True, d <= 64)
+    args = make_inputs(1, 11, 6, 1, d, 5, 1, torch.float16, device, seed=4)
+    assert pa.vector_aligned(*args) and len(pa._CONFIGS[key]) > 1
+    fn = attention(per_class_lens(11, 6).to(device))
+    for cfg in pa._CONFIGS[key][1:]:
+        monkeypatch.setitem(pa._CONFIGS, key, [cfg])
+        monkeypatch.setattr(utils, "_TUNERS", {})
+        check_op(fn(prefix_attention), fn(prefix_attention_ref), args, [True] * 5, torch.float16, NAMES)

@@ -150,3 +150,48 @@ def test_context_grads_are_deterministic(layout, device):
     want = torch.autograd.grad(assemble_prompts_ref(tok, slots, pos, ctx.requires_grad_(), bias, layout)
                                .float().square().sum(), ctx)[0]
     torch.testing.assert_close(runs[0][0], want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_column_prune():
+    """early_config_prune keeps the configs whose column tile D needs, else the narrowest ones."""
+    import triton
+
+    cfgs = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}) for r, d in [(32, 128), (64, 64), (32, 32)]]
+    widths = lambda kept: [c.kwargs["BLOCK_D"] for c in kept]  # noqa: E731
+    assert widths(asm._fit_columns(cfgs, {"D": 512})) == [128, 64, 32]
+    assert widths(asm._fit_columns(cfgs, {"D": 33})) == [64, 32]
+    assert widths(asm._fit_columns(cfgs, {"D": 1})) == [32]
+    assert widths(asm._fit_columns(cfgs[:2], {"D": 1})) == [64]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_autotune_configs(aligned):
+    """Aligned inputs tune between configs; unaligned ones keep small tiles (scalar loads), one config."""
+    cfgs = asm.CONFIGS[aligned]
+    assert (len(cfgs) > 1) == aligned
+    for (block_r, block_d), warps, stages in cfgs:
+        assert block_r * block_d <= 4096 and warps in (4, 8) and stages >= 1
+        assert block_d <= (128 if aligned else 32)
+
+
+def test_every_autotune_config_is_right(monkeypatch, device):
+    """The interpreter runs only the first config: force each other one and compare, forward and backward."""
+    utils = importlib.import_module("promptcore.kernels._utils")
+    tok, slots, pos, ctx, bias = make_inputs(5, 9, 80, 4, 3, "group", DTYPES[1], device, "mixed")
+    assert asm.vector_aligned(tok, pos, ctx, bias) and len(asm.CONFIGS[True]) > 1
+    fn = assembled(slots, "group")
+
+    def grads():
+        c, b = ctx.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+        return torch.autograd.grad(fn(assemble_prompts)(tok, pos, c, b).float().square().sum(), (c, b))
+
+    default = grads()
+    for cfg in asm.CONFIGS[True][1:]:
+        monkeypatch.setitem(asm.CONFIGS, True, [cfg])
+        monkeypatch.setattr(utils, "_TUNERS", {})
+        out, out_ref = check_op(fn(assemble_prompts), fn(assemble_prompts_ref), (tok, pos, ctx, bias),
+                                [False, False, True, True], torch.float16, NAMES)
+        torch.testing.assert_close(out, out_ref, atol=0, rtol=0)
+        # the tiles never change a sum's order: context and bias grads bit-equal to the default config's
+        for a, b in zip(grads(), default):
+            assert torch.equal(a, b)

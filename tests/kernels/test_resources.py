@@ -1,10 +1,8 @@
 """The static resource gate (promptcore.kernels.resources): real sm_80/sm_90 compiles, no GPU needed.
 
-The full gate compiles every variant the launchers produce for both archs; it runs here once, in a
-subprocess (TRITON_INTERPRET is set for the test session and the command must cope with that).
-Variants that still spill are listed in KNOWN_SPILLS with the bytes measured when they were listed:
-any other spill, a larger one, a compile error or a CTA that does not fit fails the test, and a
-listed variant that stops spilling must be removed from the list.
+The full gate compiles every variant the launchers produce for both archs, every autotune config of
+each, aligned and unaligned; it runs here once, in a subprocess (TRITON_INTERPRET is set for the test
+session and the command must cope with that). Any spill, compile error or CTA that does not fit fails.
 """
 
 import ast
@@ -12,9 +10,11 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from collections import defaultdict
 
 import pytest
 
@@ -24,38 +24,6 @@ res = importlib.import_module("promptcore.kernels.resources")
 pa = importlib.import_module("promptcore.kernels.prefix_attention")
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed on this platform")
-
-# (kernel, arch, dtype, variant) -> spilled bytes per thread when listed; see the README's resource table
-_DQ = "d=128 UPCAST=1 DOT=tf32x3 RTNE_BF16=0 BLOCK_M=16 BLOCK_N=16 BLOCK_D=128 w8 s1 unaligned"
-_DKDV = "d=128 PREFIX_KEYS={} UPCAST=1 DOT=tf32x3 RTNE_BF16=0 BLOCK_M=16 BLOCK_N=16 BLOCK_D=128 w8 s1 unaligned"
-# Spill bytes depend on the ptxas that ships with Triton, so they are listed per Triton minor version as
-# measured; another version is held to the worst figure listed for each variant.
-_KNOWN_BY_TRITON = {
-    "3.8": {("_prefix_attention_bwd_dkdv_kernel", "sm_80", "fp32", _DKDV.format(0)): 24,
-            ("_prefix_attention_bwd_dkdv_kernel", "sm_80", "fp32", _DKDV.format(1)): 8,
-            ("_prefix_attention_bwd_dq_kernel", "sm_90", "fp32", _DQ): 16,
-            ("_prefix_attention_bwd_dkdv_kernel", "sm_90", "fp32", _DKDV.format(0)): 8},
-    "3.9": {("_prefix_attention_bwd_dkdv_kernel", "sm_80", "fp32", _DKDV.format(0)): 16,
-            ("_prefix_attention_bwd_dkdv_kernel", "sm_80", "fp32", _DKDV.format(1)): 8,
-            ("_prefix_attention_bwd_dq_kernel", "sm_90", "fp32", _DQ): 24,
-            ("_prefix_attention_bwd_dkdv_kernel", "sm_90", "fp32", _DKDV.format(0)): 24},
-}
-
-
-def _known_spills() -> dict:
-    import triton
-
-    version = ".".join(triton.__version__.split(".")[:2])
-    if version in _KNOWN_BY_TRITON:
-        return _KNOWN_BY_TRITON[version]
-    worst: dict = {}
-    for listed in _KNOWN_BY_TRITON.values():
-        for key, size in listed.items():
-            worst[key] = max(size, worst.get(key, 0))
-    return worst
-
-
-KNOWN_SPILLS: dict = _known_spills() if triton_available() else {}
 
 
 def _run(*args, timeout=900):
@@ -74,17 +42,26 @@ def test_gate_both_archs_all_variants():
     assert {r["arch"] for r in rows} == {"sm_90", "sm_80"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert {r["aligned"] for r in rows if r["kernel"].startswith("_prefix")} == {True, False}
-    unexpected = []
+    problems = [f"{r['kernel']} {r['arch']} {r['dtype']} [{r['variant']}]: {r.get('error') or ''} "
+                f"{r['spill_bytes']} B spilled, {r['ctas_per_sm']} CTAs/SM"
+                for r in rows if r.get("error") or r["spill_bytes"] or r["ctas_per_sm"] < 1
+                or r["smem_bytes"] > res.ARCHS[r["arch"]].smem_per_block]
+    assert not problems, "\n".join(problems)
+    # memory-bound assembly kernels keep >= 2 CTAs per SM with every config
+    assert all(r["ctas_per_sm"] >= 2 for r in rows if r["kernel"].startswith("_assemble"))
+    # every config of every tuner is compiled: "autotune i/n" rows for each i, per kernel, arch, dtype, alignment
+    configs = defaultdict(set)
     for r in rows:
-        assert not r.get("error"), f"{r['kernel']} {r['arch']} {r['variant']}: {r['error']}"
-        assert r["ctas_per_sm"] >= 1 and r["smem_bytes"] <= res.ARCHS[r["arch"]].smem_per_block
-        known = KNOWN_SPILLS.get((r["kernel"], r["arch"], r["dtype"], r["variant"]))
-        if r["spill_bytes"] and (known is None or r["spill_bytes"] > known):
-            unexpected.append(f"{r['kernel']} {r['arch']} {r['dtype']} [{r['variant']}]: {r['spill_bytes']} B")
-        if known is not None and not r["spill_bytes"]:
-            unexpected.append(f"{r['kernel']} {r['arch']} {r['dtype']} [{r['variant']}] no longer spills: unlist it")
-    assert not unexpected, "\n".join(unexpected)
-    assert (proc.returncode != 0) == bool(KNOWN_SPILLS), proc.stderr[-2000:]
+        match = re.fullmatch(r"autotune (\d+)/(\d+)", r["config"])
+        if match:
+            configs[(r["kernel"], r["arch"], r["dtype"], r["aligned"], int(match[2]))].add(int(match[1]))
+    tuned = {k[0] for k in configs}
+    assert {"_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel", "_prefix_attention_bwd_dkdv_kernel",
+            "_assemble_prompts_fwd_kernel", "_assemble_prompts_bwd_kernel"} <= tuned
+    for (kernel, arch, dtype, aligned, n), seen in configs.items():
+        assert seen == set(range(1, n + 1)), f"{kernel} {arch} {dtype} aligned={aligned}: configs {seen} of {n}"
+    assert any(n > 1 for (*_, n) in configs), "some class tunes between several configs"
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @needs_triton
@@ -153,3 +130,17 @@ def test_attention_has_one_softmax_update():
     calls = [n for n in ast.walk(ast.parse(_source(pa._prefix_attention_fwd_kernel)))
              if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "_online_softmax_update"]
     assert len(calls) == 2  # the prefix loop and the suffix loop
+
+
+def test_markdown_tables_take_the_worst_case():
+    row = dict(kernel="_k", arch="sm_90", dtype="fp16", aligned=True, regs=100, spill_bytes=0, smem_bytes=0,
+               ctas_per_sm=4, config="autotune 1/2", variant="d=64 BLOCK_M=64 BLOCK_N=32 w4 s2 aligned")
+    rows = [row, dict(row, regs=120, ctas_per_sm=3, dtype="bf16"),
+            dict(row, config="autotune 2/2", variant="d=64 BLOCK_M=128 BLOCK_N=32 w8 s2 aligned", regs=180,
+                 ctas_per_sm=1),
+            dict(row, arch="sm_80", aligned=False, config="fixed", regs=200, spill_bytes=8, ctas_per_sm=1)]
+    text = res.format_markdown(rows)
+    assert "| `_k` | fp16 | 180 / 0 / 1 | - | - | 200 / 8 / 1 |" in text
+    assert "| `_k` | bf16 | 120 / 0 / 3 | - | - | - |" in text
+    assert "| `_k` | d=64 BLOCK_M=64 BLOCK_N=32 w4 s2 | 120 / 0 / 3 | - |" in text
+    assert "| `_k` | d=64 BLOCK_M=128 BLOCK_N=32 w8 s2 | 180 / 0 / 1 | - |" in text
