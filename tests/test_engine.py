@@ -305,7 +305,7 @@ def test_groups_with_own_tokens_equal_full_prompts(kind, backend, monkeypatch):
         oracle2 = float64_copy(model).encode_text(same_len.reshape(-1, 77)).reshape(2, len(names), -1)
     assert_within_naive_error(engine.encode(shared, path="fast"), ref2, oracle2, name="shared prefix")
     live, full = shared.live_tokens
-    suffixes = sum(getattr(shared, b).numel() * n for b, n, _ in shared.buckets)
+    suffixes = sum(shared.members(b).numel() * b.length for b in shared.buckets)
     assert full == 2 * len(names) * 77 and live == 2 * (5 + suffixes)
 
 
