@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import PromptModule
+from .base import ContextPromptModule
 from .checkpoints import check_method, official_state_dict
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim
@@ -57,7 +57,7 @@ class CoCoOpPromptLearner(nn.Module):
         return self.meta_net(normed)
 
 
-class CoCoOp(PromptModule):
+class CoCoOp(ContextPromptModule):
     """CoCoOp over an open_clip CLIP model.
 
     ``logits = cocoop(images)`` gives (B, n_cls) scaled cosine logits, each image scored against
@@ -99,28 +99,20 @@ class CoCoOp(PromptModule):
             ctx, n_ctx, phrase = init_context(tower, self.tokenizer, ctx_init, n_ctx)
             meta_net = build_meta_net(vis_dim, tower.width)
         meta_net.to(device=tower.device, dtype=tower.dtype)
-        self.n_ctx, self.ctx_init = n_ctx, ctx_init
+        self.ctx_init = ctx_init
         self.vis_dim = vis_dim
-        self.prompt_prefix = phrase
-        self.prompt_learner = CoCoOpPromptLearner(ctx, meta_net)
-        self._install_prompts(classnames, "end", "shared", names)
-        self._finish_init()
+        self._init_prompts(CoCoOpPromptLearner(ctx, meta_net), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           names=names)
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init}
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list (base-to-new evaluation); the learned ctx and meta-net are kept."""
-        self._install_prompts(classnames, "end", "shared")
-
     # -- text side ----------------------------------------------------------------------------
 
     def text_features(self) -> torch.Tensor:
+        """Not defined for CoCoOp (one class matrix per image); raises a TypeError that says what to call."""
         raise TypeError("CoCoOp's text features depend on the image: use encode_text(image_features) "
                         "or logits_from_image_features(image_features)")
-
-    def _compute_text_features(self) -> torch.Tensor:
-        return self.text_features()
 
     def _path(self, path: Optional[str]) -> str:
         return self.engine.resolve_path(self.text_path if path is None else path)

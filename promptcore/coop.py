@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .checkpoints import CheckpointError, check_method, official_state_dict, shape_mismatch
 from .engine import PromptSet
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
@@ -23,7 +23,7 @@ class CoOpPromptLearner(nn.Module):
         self.prompts: Optional[PromptSet] = None
 
 
-class CoOp(PromptModule):
+class CoOp(CachedTextFeatures, ContextPromptModule):
     """CoOp over an open_clip CLIP model.
 
     ``logits = coop(images)`` gives (B, n_cls) scaled cosine logits; only
@@ -57,12 +57,10 @@ class CoOp(PromptModule):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx,
                                           (len(names),) if csc else (), generator=generator)
-        self.n_ctx, self.ctx_init, self.csc = n_ctx, ctx_init, csc
-        self.class_token_position = class_token_position
-        self.prompt_prefix = phrase
-        self.prompt_learner = CoOpPromptLearner(ctx)
-        self._install_prompts(classnames, class_token_position, "class" if csc else "shared", names)
-        self._finish_init()
+        self.ctx_init, self.csc = ctx_init, csc
+        self._init_prompts(CoOpPromptLearner(ctx), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           class_token_position=class_token_position, ctx_layout="class" if csc else "shared",
+                           names=names)
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
@@ -74,7 +72,7 @@ class CoOp(PromptModule):
         if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
             raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared", names)
+        self._install_prompts(classnames, names)
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .checkpoints import CheckpointError, check_method, official_state_dict
 from .engine import LayerPrompts, PromptSet
 from .prompts import clean_classnames, count_tokens, tokenize
@@ -150,7 +150,7 @@ class MaPLePromptLearner(nn.Module):
         return shared, deep
 
 
-class MaPLe(PromptModule):
+class MaPLe(CachedTextFeatures, ContextPromptModule):
     """MaPLe over an open_clip CLIP model with a ViT image tower.
 
     ``logits = maple(images)`` gives (B, n_cls) scaled cosine logits; only ``maple.prompt_learner``
@@ -194,13 +194,10 @@ class MaPLe(PromptModule):
                              f"image tower {vision_blocks}); use depth <= {min(text_blocks, vision_blocks)}")
         if 1 + n_ctx + 1 > tower.context_length:  # SOS + context + EOT
             raise ValueError(f"n_ctx={n_ctx} does not fit the text context length {tower.context_length}")
-        self.n_ctx, self.ctx_init, self.depth = n_ctx, ctx_init, depth
+        self.ctx_init, self.depth = ctx_init, depth
         self.vision_width = visual.class_embedding.shape[0]
         learner, phrase = self._build_learner(tower, n_ctx, ctx_init, depth, seed)
-        self.prompt_prefix = phrase
-        self.prompt_learner = learner
-        self._install_prompts(classnames, "end", "shared", names)
-        self._finish_init()
+        self._init_prompts(learner, classnames, n_ctx=n_ctx, prompt_prefix=phrase, names=names)
 
     def _build_learner(self, tower, n_ctx, ctx_init, depth, seed) -> Tuple[MaPLePromptLearner, str]:
         low = tower.dtype
@@ -218,10 +215,6 @@ class MaPLe(PromptModule):
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "depth": self.depth}
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list (e.g. base-to-new evaluation)."""
-        self._install_prompts(classnames, "end", "shared")
 
     # -- encoding -----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .checkpoints import (
     CheckpointError,
     check_learned_tensor,
@@ -123,7 +123,7 @@ class TPTPromptLearner(nn.Module):
         self.prompts: Optional[PromptSet] = None
 
 
-class TPT(PromptModule):
+class TPT(CachedTextFeatures, ContextPromptModule):
     """Test-time prompt tuning over an open_clip CLIP model.
 
     ``tpt.predict(images)`` makes views of raw images on their device and tunes each image on its
@@ -175,17 +175,15 @@ class TPT(PromptModule):
         names = clean_classnames(classnames)  # validate before anything is built
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx, generator=generator)
-        self.n_ctx, self.ctx_init, self.prompt_prefix = n_ctx, ctx_init, phrase
-        self.class_token_position = class_token_position
+        self.ctx_init = ctx_init
         self.n_views, self.selection, self.lr, self.steps = int(n_views), float(selection), float(lr), int(steps)
         self.weight_decay, self.augmix, self.precision = float(weight_decay), bool(augmix), precision
         self.batch_size, self.image_batch, self.seed = int(batch_size), int(image_batch), seed
         self.meta_net_input = meta_net_input
-        self.prompt_learner = TPTPromptLearner(ctx)
-        if cocoop_meta_net:
+        self._init_prompts(TPTPromptLearner(ctx), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           class_token_position=class_token_position, ctx_layout="group", names=names)
+        if cocoop_meta_net:  # frozen, outside CLIP: drawn after the context, as before
             self._add_meta_net()
-        self._install_prompts(classnames, self.class_token_position, "group", names)
-        self._finish_init()
 
     # -- options, classes, precision --------------------------------------------------------
 
@@ -195,10 +193,6 @@ class TPT(PromptModule):
                 "precision": self.precision, "batch_size": self.batch_size,
                 "class_token_position": self.class_token_position,
                 "cocoop_meta_net": self.prompt_learner.meta_net is not None, "meta_net_input": self.meta_net_input}
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list."""
-        self._install_prompts(classnames, self.class_token_position, "group")
 
     @property
     def num_classes(self) -> int:
