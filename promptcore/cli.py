@@ -94,6 +94,16 @@ def _verify(args) -> int:
 # -- folder runs: ``promptcore eval`` and ``promptcore tpt`` (see promptcore/runner.py) -------------------------
 
 
+def _add_model_options(cmd, default: Optional[str] = None) -> None:
+    """--model (required without a default), --pretrained and --model-config."""
+    if default is None:
+        cmd.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    else:
+        cmd.add_argument("--model", default=default, help=f"open_clip architecture (default {default})")
+    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
+    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+
+
 def _add_folder_options(cmd, batch: int) -> None:
     import torch
 
@@ -102,9 +112,7 @@ def _add_folder_options(cmd, batch: int) -> None:
                                                   "<stem>.summary.json); rerun with the same --out to resume")
     cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order")
     cmd.add_argument("--dataset", default=None, help="built-in class names of a data set (e.g. imagenet)")
-    cmd.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
-    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
-    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    _add_model_options(cmd, default="ViT-B-16")
     cmd.add_argument("--batch", type=int, default=batch, help=f"images per batch (default {batch})")
     cmd.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes (default 4 on CUDA, "
                                                                "1 on CPU; 0 decodes in the main process)")
@@ -238,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export learned prompts to a verified ONNX model (images -> logits)")
     exp.add_argument("--method", required=True, help="coop, cocoop, maple or zeroshot")
-    exp.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    exp.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
-    exp.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    _add_model_options(exp)
     exp.add_argument("--checkpoint", default=None,
                      help="official checkpoint (model.pth.tar-N or its folder) or a promptcore .safetensors file "
                           "(required except for zeroshot)")
@@ -308,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a promptcore module over HTTP on Ray Serve with dynamic batching")
     serve.add_argument("--method", required=True, choices=list(METHODS))
-    serve.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    serve.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local weights file")
-    serve.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    _add_model_options(serve)
     serve.add_argument("--checkpoint", default=None,
                        help="learned prompts: official checkpoint or promptcore .safetensors (coop/cocoop/maple; "
                             "optional for tpt)")
