@@ -174,8 +174,8 @@ def text_flops(prompts, width: int, layers: int, path: str) -> float:
         return layers * prompts.num_classes * block_flops(width, range(1, length + 1))
     P = prompts.prefix_len
     total = block_flops(width, range(1, P + 1))
-    for members, length, _ in prompts.bucket_views():
-        total += members.numel() * block_flops(width, range(P + 1, P + length + 1))
+    for bucket in prompts.buckets:
+        total += bucket.size * block_flops(width, range(P + 1, P + bucket.length + 1))
     return layers * total
 
 

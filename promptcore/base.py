@@ -1,9 +1,18 @@
-"""What every promptcore method module shares: the frozen CLIP model, the text engine, image
-checks, cosine scoring, the eval-mode text cache and promptcore's own prompt files."""
+"""The class structure of promptcore's method modules.
+
+* :class:`PromptModule`: what every method shares (the CLIP model, the text engine, image checks,
+  cosine scoring, promptcore's own prompt files).
+* :class:`ContextPromptModule`: methods whose prompts put a learned context before the class name
+  (CoOp, CoCoOp, MaPLe, TPT): the prompt learner, the class list and its prompt set, freezing CLIP.
+* :class:`CachedTextFeatures`: methods with one text-feature matrix per class list (CoOp, MaPLe, TPT's
+  initial context, ZeroShot), cached until what it depends on changes. CoCoOp's text features depend
+  on the image, so it has none.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,15 +27,16 @@ from .prompts import clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
 
 
-class PromptModule(nn.Module):
-    """Base class of the method modules (CoOp, ...). Subclasses define ``method``,
-    ``options()`` and ``_compute_text_features()``."""
+class PromptModule(nn.Module, ABC):
+    """Base class of the method modules. A subclass names its ``method`` (the class attribute saved in
+    prompt files) and implements :meth:`options`; nothing else is read from it."""
 
     method: str = ""
 
-    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
-                 capture: str = "none"):
+    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", capture: str = "none"):
         super().__init__()
+        if not type(self).method:
+            raise TypeError(f"{type(self).__name__} must name its method (class attribute 'method')")
         if not hasattr(model, "encode_image") or not hasattr(model, "logit_scale"):
             raise TypeError(f"{type(model).__name__} is not an open_clip CLIP model (no encode_image / logit_scale)")
         engine = TextEngine(model, capture=capture)
@@ -36,15 +46,9 @@ class PromptModule(nn.Module):
         self.text_path = text_path
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(engine.tower.context_length)
         self.model_name: Optional[str] = None
+        # Features derived from the learned prompts (see CachedTextFeatures); None when none are kept.
         self._text_cache = None
-        self._classes_version = 0
-        self._freeze = freeze
-
-    def _finish_init(self) -> None:
-        """Freeze CLIP (as the official trainers do) once every argument has been validated."""
-        if self._freeze:
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+        self._classes_version = 0  # bumped on every class-list change, so caches keyed on it expire
 
     # -- images ---------------------------------------------------------------------------
 
@@ -87,59 +91,15 @@ class PromptModule(nn.Module):
         """``exp(logit_scale) * normalize(img) @ normalize(txt).T`` in the image features' dtype."""
         return cosine_logits(image_features, text_features, self.model.logit_scale)
 
-    # -- class list ----------------------------------------------------------------------------
+    # -- what a subclass provides ----------------------------------------------------------------
 
-    def _install_prompts(self, classnames: Sequence[str], class_token_position: str = "end",
-                         ctx_layout: str = "shared", names: Optional[List[str]] = None) -> None:
-        """Build the prompt set of ``classnames`` around the learned context and make it current.
-
-        Needs ``n_ctx`` and ``prompt_prefix`` set; raises before changing anything on bad names.
-        ``names``: ``clean_classnames(classnames)`` when the caller has already validated them.
-        """
-        if names is None:
-            names = clean_classnames(classnames)
-        tower = self.engine.tower
-        built = context_prompts(self.tokenizer, names, self.n_ctx, self.prompt_prefix, tower.context_length,
-                                class_token_position, raw_names=list(classnames))
-        self.prompt_learner.prompts = PromptSet(tower, built.ids, built.slots, ctx_layout)
-        self.classnames = list(classnames)
-        self.name_lens = built.name_lens
-        self._classes_version += 1
-        self.clear_cache()
-
-    @property
-    def tokenized_prompts(self) -> torch.Tensor:
-        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
-        return self.prompt_learner.prompts.ids
-
-    # -- text features and their cache ------------------------------------------------------
-
-    def _cache_key(self):
-        params = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.prompt_learner.parameters())
-        return params, self._classes_version, self.text_path
-
-    def text_features(self) -> torch.Tensor:
-        """Text features of the current class list (cached in eval mode until the prompts change)."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
-        if not self.training and not needs_grad:
-            key = self._cache_key()
-            if self._text_cache is not None and self._text_cache[0] == key:
-                return self._text_cache[1]
-            feats = self._compute_text_features()
-            self._text_cache = (key, feats.detach())
-            return self._text_cache[1]
-        self._text_cache = None
-        return self._compute_text_features()
+    @abstractmethod
+    def options(self) -> Dict[str, Any]:
+        """The constructor options that rebuild this module (saved in prompt files)."""
 
     def clear_cache(self) -> None:
-        """Forget cached text features."""
+        """Forget features derived from the learned prompts (call after changing them in place)."""
         self._text_cache = None
-
-    def _compute_text_features(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def options(self) -> Dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     # -- promptcore files -------------------------------------------------------------------
 
@@ -189,3 +149,101 @@ class PromptModule(nn.Module):
         module.load(path)
         module.model_name = meta["model_name"]
         return module
+
+
+class ContextPromptModule(PromptModule):
+    """A method whose prompts are ``[SOS] [learned context] [class name] . [EOT]`` (CoOp, CoCoOp, MaPLe, TPT).
+
+    A subclass validates its options, builds its prompt learner (an ``nn.Module`` holding ``ctx``; its
+    ``prompts`` attribute receives the prompt set) from ``self.tokenizer`` and ``self.engine.tower``, and
+    ends ``__init__`` with :meth:`_init_prompts`, which takes everything this class reads as arguments.
+    """
+
+    prompt_learner: nn.Module
+
+    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
+                 capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, capture)
+        self._freeze = freeze
+
+    def _init_prompts(self, learner: nn.Module, classnames: Sequence[str], *, n_ctx: int, prompt_prefix: str,
+                      class_token_position: str = "end", ctx_layout: str = "shared",
+                      names: Optional[Sequence[str]] = None) -> None:
+        """Install ``learner`` and the prompts of ``classnames``, then freeze CLIP (as the official trainers
+        do) if asked: the last step of a subclass's ``__init__``, after every argument was validated.
+
+        ``n_ctx`` context slots follow SOS; ``prompt_prefix`` is the text whose first ``n_ctx`` tokens
+        they replace; ``ctx_layout`` is "shared", "class" (one context per class) or "group" (one per
+        image); ``names``: ``clean_classnames(classnames)`` when the caller already validated them.
+        """
+        self.n_ctx, self.prompt_prefix = n_ctx, prompt_prefix
+        self.class_token_position, self.ctx_layout = class_token_position, ctx_layout
+        self.prompt_learner = learner
+        self._install_prompts(classnames, names)
+        if self._freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Swap the class list (e.g. base-to-new evaluation); the learned prompts are kept, and bad
+        names raise before anything changes."""
+        self._install_prompts(classnames)
+
+    def _install_prompts(self, classnames: Sequence[str], names: Optional[Sequence[str]] = None) -> None:
+        """Build the prompt set of ``classnames`` around the learned context and make it current.
+
+        Raises before changing anything on bad names.
+        """
+        if names is None:
+            names = clean_classnames(classnames)
+        tower = self.engine.tower
+        built = context_prompts(self.tokenizer, list(names), self.n_ctx, self.prompt_prefix, tower.context_length,
+                                self.class_token_position, raw_names=list(classnames))
+        self.prompt_learner.prompts = PromptSet(tower, built.ids, built.slots, self.ctx_layout)
+        self.classnames = list(classnames)
+        self.name_lens = built.name_lens
+        self._classes_version += 1
+        self.clear_cache()
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        """Token ids (n_cls, context_length) of the prompts as fed to the tower."""
+        return self.prompt_learner.prompts.ids
+
+
+class CachedTextFeatures(ABC):
+    """Mixin of the methods with one text-feature matrix for the class list: :meth:`text_features`
+    computes it with :meth:`_compute_text_features` and keeps it while :meth:`_cache_key` holds and
+    :meth:`_use_cache` allows (by default: eval mode, no gradient to the prompt learner). Put it before
+    the :class:`PromptModule` base: ``class CoOp(CachedTextFeatures, ContextPromptModule)``."""
+
+    # read from the PromptModule it is mixed into (annotations only: no class attributes)
+    prompt_learner: nn.Module
+    training: bool
+    text_path: str
+    _text_cache: Optional[tuple]
+    _classes_version: int
+
+    @abstractmethod
+    def _compute_text_features(self) -> torch.Tensor:
+        """The text features (n_cls, E) of the current class list, uncached."""
+
+    def _use_cache(self) -> bool:
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
+        return not self.training and not needs_grad
+
+    def _cache_key(self):
+        params = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.prompt_learner.parameters())
+        return params, self._classes_version, self.text_path
+
+    def text_features(self) -> torch.Tensor:
+        """Text features of the current class list (cached until what they depend on changes)."""
+        if self._use_cache():
+            key = self._cache_key()
+            if self._text_cache is not None and self._text_cache[0] == key:
+                return self._text_cache[1]
+            feats = self._compute_text_features()
+            self._text_cache = (key, feats.detach())
+            return self._text_cache[1]
+        self._text_cache = None
+        return self._compute_text_features()

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .methods import METHODS
+
 
 def _demo(args) -> int:
     from .demo import run_demo
@@ -92,6 +94,16 @@ def _verify(args) -> int:
 # -- folder runs: ``promptcore eval`` and ``promptcore tpt`` (see promptcore/runner.py) -------------------------
 
 
+def _add_model_options(cmd, default: Optional[str] = None) -> None:
+    """--model (required without a default), --pretrained and --model-config."""
+    if default is None:
+        cmd.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    else:
+        cmd.add_argument("--model", default=default, help=f"open_clip architecture (default {default})")
+    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
+    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+
+
 def _add_folder_options(cmd, batch: int) -> None:
     import torch
 
@@ -100,9 +112,7 @@ def _add_folder_options(cmd, batch: int) -> None:
                                                   "<stem>.summary.json); rerun with the same --out to resume")
     cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order")
     cmd.add_argument("--dataset", default=None, help="built-in class names of a data set (e.g. imagenet)")
-    cmd.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
-    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
-    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    _add_model_options(cmd, default="ViT-B-16")
     cmd.add_argument("--batch", type=int, default=batch, help=f"images per batch (default {batch})")
     cmd.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes (default 4 on CUDA, "
                                                                "1 on CPU; 0 decodes in the main process)")
@@ -204,6 +214,17 @@ def _tpt(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    # promptcore.serve imports ray only when the server starts: argument errors need no ray
+    from .serve import build_module, serve_forever, spec_from_args
+
+    spec = spec_from_args(args)
+    # build once here: a bad checkpoint, class file or model fails now with its own message, not in a replica
+    build_module(spec)
+    return serve_forever(spec, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
+                         log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcore", description="Fast CLIP prompt learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export learned prompts to a verified ONNX model (images -> logits)")
     exp.add_argument("--method", required=True, help="coop, cocoop, maple or zeroshot")
-    exp.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    exp.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file")
-    exp.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
+    _add_model_options(exp)
     exp.add_argument("--checkpoint", default=None,
                      help="official checkpoint (model.pth.tar-N or its folder) or a promptcore .safetensors file "
                           "(required except for zeroshot)")
@@ -292,8 +311,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="amp: fp32 weights, fp16 autocast on CUDA and fp32 elsewhere (official); amp_bf16: "
                           "fp32 weights under bf16 autocast; others: weights in that dtype")
     tpt.set_defaults(func=_tpt)
-    from .serve import add_serve_subparser
-    add_serve_subparser(sub)
+
+    serve = sub.add_parser("serve", help="serve a promptcore module over HTTP on Ray Serve with dynamic batching")
+    serve.add_argument("--method", required=True, choices=list(METHODS))
+    _add_model_options(serve)
+    serve.add_argument("--checkpoint", default=None,
+                       help="learned prompts: official checkpoint or promptcore .safetensors (coop/cocoop/maple; "
+                            "optional for tpt)")
+    names = serve.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classnames", default=None, help="class names, one per line")
+    names.add_argument("--dataset", default=None, help="built-in class list, e.g. imagenet")
+    serve.add_argument("--allow-new-classes", action="store_true",
+                       help="accept class names other than an official checkpoint's training classes")
+    serve.add_argument("--templates", default=None, help="zeroshot templates: openai, simple or a file")
+    serve.add_argument("--n-ctx", type=int, default=None)
+    serve.add_argument("--ctx-init", default=None)
+    serve.add_argument("--n-views", type=int, default=None, help="TPT views per image (official 64)")
+    serve.add_argument("--tpt-steps", type=int, default=None, help="TPT optimizer steps per image")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda")
+    serve.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="images per forward pass (and per request)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests queued or running per replica before new ones get 503 overloaded")
+    serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image accepted (pixels)")
+    serve.add_argument("--top-k", type=int, default=5, help="labels returned per image (default 5)")
+    serve.add_argument("--seed", type=int, default=0, help="TPT's default view seed (requests may pass their own)")
+    serve.add_argument("--replicas", type=int, default=1, help="model replicas (Ray places them on the cluster)")
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
+    serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
+    serve.add_argument("--address", default=None,
+                       help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
+    serve.set_defaults(func=_serve)
     return parser
 
 

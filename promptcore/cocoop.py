@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from promptcore.kernels import cosine_logits
 
-from .base import PromptModule
+from .base import ContextPromptModule
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim
 from .official import read_official
@@ -43,7 +43,7 @@ class CoCoOpPromptLearner(nn.Module):
         return self.meta_net(normed)
 
 
-class CoCoOp(PromptModule):
+class CoCoOp(ContextPromptModule):
     """CoCoOp over an open_clip CLIP model.
 
     ``logits = cocoop(images)`` gives (B, n_cls) scaled cosine logits, each image scored against
@@ -62,6 +62,8 @@ class CoCoOp(PromptModule):
         seed: seeds the context and meta-net init (torch's global generator is left as it was);
             None draws from the global generator, as officially.
         freeze: freeze CLIP's parameters (as the official trainer does).
+        capture: "none", "compile" or "cudagraphs" (CUDA only): run the fast text path under torch.compile
+            or as replayed CUDA graphs, see :mod:`promptcore.capture`.
 
     The meta-net and ``ctx`` take the text tower's dtype (the official trainer halves the
     meta-net when CLIP runs in fp16); the class token sits at the end, as officially.
@@ -71,8 +73,8 @@ class CoCoOp(PromptModule):
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", text_path: str = "auto", seed: Optional[int] = None,
-                 freeze: bool = True):
-        super().__init__(model, tokenizer, text_path, freeze)
+                 freeze: bool = True, capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, freeze, capture)
         names = clean_classnames(classnames)  # fail on a bad class list before any random draw
         tower = self.engine.tower
         vis_dim = image_feature_dim(model, tower.output_dim)
@@ -85,28 +87,20 @@ class CoCoOp(PromptModule):
             ctx, n_ctx, phrase = init_context(tower, self.tokenizer, ctx_init, n_ctx)
             meta_net = build_meta_net(vis_dim, tower.width)
         meta_net.to(device=tower.device, dtype=tower.dtype)
-        self.n_ctx, self.ctx_init = n_ctx, ctx_init
+        self.ctx_init = ctx_init
         self.vis_dim = vis_dim
-        self.prompt_prefix = phrase
-        self.prompt_learner = CoCoOpPromptLearner(ctx, meta_net)
-        self._install_prompts(classnames, "end", "shared", names)
-        self._finish_init()
+        self._init_prompts(CoCoOpPromptLearner(ctx, meta_net), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           names=names)
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init}
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list (base-to-new evaluation); the learned ctx and meta-net are kept."""
-        self._install_prompts(classnames, "end", "shared")
-
     # -- text side ----------------------------------------------------------------------------
 
     def text_features(self) -> torch.Tensor:
+        """Not defined for CoCoOp (one class matrix per image); raises a TypeError that says what to call."""
         raise TypeError("CoCoOp's text features depend on the image: use encode_text(image_features) "
                         "or logits_from_image_features(image_features)")
-
-    def _compute_text_features(self) -> torch.Tensor:
-        return self.text_features()
 
     def _path(self, path: Optional[str]) -> str:
         return self.engine.resolve_path(self.text_path if path is None else path)

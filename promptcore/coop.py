@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .engine import PromptSet
 from .official import read_official
 from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
@@ -23,7 +23,7 @@ class CoOpPromptLearner(nn.Module):
         self.prompts: Optional[PromptSet] = None
 
 
-class CoOp(PromptModule):
+class CoOp(CachedTextFeatures, ContextPromptModule):
     """CoOp over an open_clip CLIP model.
 
     ``logits = coop(images)`` gives (B, n_cls) scaled cosine logits; only
@@ -50,7 +50,7 @@ class CoOp(PromptModule):
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 16,
                  ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
                  text_path: str = "auto", seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
-        super().__init__(model, tokenizer, text_path, freeze, capture=capture)
+        super().__init__(model, tokenizer, text_path, freeze, capture)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"unknown class token position {class_token_position!r}; "
                              f"choose one of {', '.join(CLASS_TOKEN_POSITIONS)}")
@@ -59,12 +59,10 @@ class CoOp(PromptModule):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx,
                                           (len(names),) if csc else (), generator=generator)
-        self.n_ctx, self.ctx_init, self.csc = n_ctx, ctx_init, csc
-        self.class_token_position = class_token_position
-        self.prompt_prefix = phrase
-        self.prompt_learner = CoOpPromptLearner(ctx)
-        self._install_prompts(classnames, class_token_position, "class" if csc else "shared", names)
-        self._finish_init()
+        self.ctx_init, self.csc = ctx_init, csc
+        self._init_prompts(CoOpPromptLearner(ctx), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           class_token_position=class_token_position, ctx_layout="class" if csc else "shared",
+                           names=names)
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "csc": self.csc,
@@ -76,7 +74,7 @@ class CoOp(PromptModule):
         if self.csc and len(names) != self.prompt_learner.ctx.shape[0]:
             raise ValueError(f"class-specific context was learned for {self.prompt_learner.ctx.shape[0]} classes, "
                              f"got {len(names)} class names")
-        self._install_prompts(classnames, self.class_token_position, "class" if self.csc else "shared", names)
+        self._install_prompts(classnames, names)
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

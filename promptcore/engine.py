@@ -17,22 +17,70 @@ shortcut is not exact.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from promptcore.kernels import assemble_prompts, prefix_attention
+from promptcore.kernels import assemble_prompts
 
 from .capture import CapturedPath
 from .tower import TextTower
 
 PATHS = ("auto", "fast", "naive")
 _reported_fallbacks: set = set()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Classes whose suffixes are padded to one length on the fast path.
+
+    ``index`` locates the bucket's class indices in :attr:`PromptSet.bucket_members`; ``size`` is how
+    many classes it holds, ``length`` their padded suffix length, ``has_ctx`` whether a context slot
+    falls inside those suffixes.
+    """
+
+    index: int
+    size: int
+    length: int
+    has_ctx: bool
+
+
+class BufferList(nn.Module):
+    """Tensors kept as non-persistent buffers (``.to()`` moves them, state dicts leave them out),
+    read back by position."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t, persistent=False)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._buffers[str(i)]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
+@dataclass(frozen=True)
+class SuffixState:
+    """One length bucket's suffixes between blocks of the fast path.
+
+    ``x``: hidden states (G, C_b, S_b, D), or (1, C_b, S_b, D) shared by every group while
+    ``grouped`` is False (before the first block, when nothing per group reached them yet);
+    ``lens`` (C_b,) live suffix lengths; ``eot`` the EOT row of each suffix, (C_b,) or per group (G, C_b).
+    """
+
+    x: torch.Tensor
+    lens: torch.Tensor
+    eot: torch.Tensor
+    grouped: bool
+
+    def after(self, x: torch.Tensor) -> "SuffixState":
+        """The state after a block: having attended to its group's prefix, every suffix is per group."""
+        return SuffixState(x, self.lens, self.eot, True)
 
 
 class PromptSet(nn.Module):
@@ -95,14 +143,15 @@ class PromptSet(nn.Module):
         self._ctx_columns = is_ctx.reshape(-1, L).any(dim=0).tolist()
         # a class's suffix is as long as its longest prompt over the groups
         class_eot = eot.amax(dim=0) if per_group else eot
-        self.buckets: List[Tuple[str, int, bool]] = []
-        for i, (members, length) in enumerate(length_buckets((class_eot - prefix_len + 1).tolist(), max_buckets)):
-            name = f"bucket{i}"
-            self.register_buffer(name, torch.tensor(members, dtype=torch.long, device=device), persistent=False)
-            has_ctx = False if per_group else bool(is_ctx[members, prefix_len:prefix_len + length].any())
-            self.buckets.append((name, length, has_ctx))
-        self.register_buffer("bucket_order", torch.argsort(torch.cat([getattr(self, b[0]) for b in self.buckets])),
-                             persistent=False)
+        split = length_buckets((class_eot - prefix_len + 1).tolist(), max_buckets)
+        self.buckets: Tuple[Bucket, ...] = tuple(
+            Bucket(i, len(members), length,
+                   False if per_group else bool(is_ctx[members, prefix_len:prefix_len + length].any()))
+            for i, (members, length) in enumerate(split))
+        members = [torch.tensor(m, dtype=torch.long, device=device) for m, _ in split]
+        self.bucket_members = BufferList(members)  # class indices of bucket i, on the prompts' device
+        # output row -> position in the buckets' concatenation: restores class order
+        self.register_buffer("bucket_order", torch.argsort(torch.cat(members)), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -117,13 +166,13 @@ class PromptSet(nn.Module):
     def live_tokens(self) -> Tuple[int, int]:
         """(tokens per layer on the fast path, tokens per layer on the naive path), for one group of
         shared tokens or for all G groups of per-group tokens."""
-        suffix = sum(getattr(self, name).numel() * length for name, length, _ in self.buckets)
+        suffix = sum(b.size * b.length for b in self.buckets)
         G = self.num_groups
         return G * (self.prefix_len + suffix), G * self.num_classes * self.ids.shape[-1]
 
-    def bucket_views(self):
-        """(class indices, suffix length, holds context) of each length bucket, on the prompts' device."""
-        return [(getattr(self, name), length, has_ctx) for name, length, has_ctx in self.buckets]
+    def members(self, bucket: Bucket) -> torch.Tensor:
+        """Class indices (C_b,) of a length bucket, on the prompts' device."""
+        return self.bucket_members[bucket.index]
 
     def has_ctx(self, start: int, stop: int) -> bool:
         """Whether any prompt has a context slot in positions [start, stop)."""
@@ -184,13 +233,6 @@ class LayerPrompts:
     values: Dict[int, torch.Tensor]
 
 
-def _layer_norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm with fp32 statistics, cast back to the input dtype."""
-    weight = mod.weight.float() if mod.weight is not None else None
-    bias = mod.bias.float() if mod.bias is not None else None
-    return F.layer_norm(x.float(), mod.normalized_shape, weight, bias, mod.eps).to(x.dtype)
-
-
 def _overwrite(x: torch.Tensor, positions: Sequence[int], values: torch.Tensor) -> torch.Tensor:
     """Out-of-place ``x[:, positions] = values`` for x (N, L, D); values (K, D) or (N, K, D)."""
     index = torch.as_tensor(list(positions), device=x.device)
@@ -211,11 +253,9 @@ class TextEngine:
         self.tower = TextTower(model)
         self.fast = CapturedPath(self.encode_fast, capture, compile_options)
 
-    @property
-    def fast_path_available(self) -> bool:
-        return self.tower.fast_path_issue is None
-
     def resolve_path(self, path: str) -> str:
+        """The path ``path`` ("auto", "fast", "naive") runs on this tower: "auto" becomes "fast" where it
+        is exact and "naive" elsewhere (warning once per reason); "fast" where it is not exact raises."""
         if path not in PATHS:
             raise ValueError(f"unknown text path {path!r}; choose one of {PATHS}")
         issue = self.tower.fast_path_issue
@@ -320,51 +360,50 @@ class TextEngine:
             suffixes = []
         if group_source is not None and not (prefix_has_ctx and ctx_grouped):
             x_prefix = x_prefix.expand(G, -1, -1)
-        # per length bucket: [hidden states (G or 1, C_b, S_b, D), suffix lengths, EOT rows, grouped]
-        for members, length, has_ctx in ([] if prompts.per_group else prompts.bucket_views()):
-            bucket_ctx = ctx if has_ctx else None
+        for bucket in ([] if prompts.per_group else prompts.buckets):
+            members, length = prompts.members(bucket), bucket.length
+            bucket_ctx = ctx if bucket.has_ctx else None
             if bucket_ctx is not None and layout == "class":
                 bucket_ctx = ctx[members]
             x = assemble_prompts(tokens[members, P:P + length], prompts.slots[members, P:P + length],
-                                 pos[P:P + length], bucket_ctx, bias if has_ctx else None, layout)
+                                 pos[P:P + length], bucket_ctx, bias if bucket.has_ctx else None, layout)
             eot = prompts.eot[members] - P
-            suffixes.append([x, eot + 1, eot, has_ctx and ctx_grouped])
-        heads = tower.heads
+            suffixes.append(SuffixState(x, eot + 1, eot, bucket.has_ctx and ctx_grouped))
         last = len(tower.blocks) - 1
-        for i, blk in enumerate(tower.blocks):
+        for i in range(len(tower.blocks)):
             if layer_prompts is not None and i in layer_prompts.values:
                 x_prefix = _overwrite(x_prefix, layer_prompts.positions, layer_prompts.values[i])
             # the last block's prefix output is never read: only its keys/values are
-            x_prefix, k_p, v_p = _prefix_block(blk, x_prefix, heads, need_output=i < last)
-            for entry in suffixes:
-                entry[0] = _suffix_block(blk, entry[0], k_p, v_p, entry[1], heads, grouped=entry[3])
-                entry[3] = True  # after attending to its group's prefix, every suffix is per group
+            x_prefix, k_p, v_p = tower.prefix_block(i, x_prefix, need_output=i < last)
+            suffixes = [s.after(tower.suffix_block(i, s.x, k_p, v_p, s.lens, grouped=s.grouped)) for s in suffixes]
         rows = []
-        for x, _, eot, grouped in suffixes:
+        for s in suffixes:
+            x, eot = s.x, s.eot
             classes = torch.arange(x.shape[1], device=x.device)
             if eot.dim() == 2:  # per-group tokens: each group's own EOT row
                 r = x[torch.arange(x.shape[0], device=x.device)[:, None], classes[None, :], eot]
             else:
                 r = x[:, classes, eot]
-            rows.append(r if grouped else r.expand(G, -1, -1))
+            rows.append(r if s.grouped else r.expand(G, -1, -1))
         eot_rows = torch.cat(rows, dim=1).index_select(1, prompts.bucket_order)
         return tower.project(eot_rows)
 
 
-def _per_group_inputs(prompts: PromptSet, tokens: torch.Tensor, pos: torch.Tensor) -> list:
-    """Suffix inputs of a per-group prompt set: per length bucket [(G, C_b, S_b, D), suffix lengths
-    (C_b,), EOT rows (G, C_b), grouped]. A class's suffix runs to its latest EOT over the groups; the
-    rows after a group's own EOT are computed and never read (causal: they change nothing before)."""
+def _per_group_inputs(prompts: PromptSet, tokens: torch.Tensor, pos: torch.Tensor) -> List[SuffixState]:
+    """Suffix inputs of a per-group prompt set, one per length bucket, EOT rows (G, C_b). A class's
+    suffix runs to its latest EOT over the groups; the rows after a group's own EOT are computed and
+    never read (causal: they change nothing before)."""
     P = prompts.prefix_len
     G, D = tokens.shape[0], tokens.shape[-1]
     out = []
-    for members, length, _ in prompts.bucket_views():
+    for bucket in prompts.buckets:
+        members, length = prompts.members(bucket), bucket.length
         t = tokens[:, members, P:P + length]
         Cb = t.shape[1]
         x = assemble_prompts(t.reshape(G * Cb, length, D), prompts.slots[:, members, P:P + length].reshape(G * Cb, -1),
                              pos[P:P + length])[0].reshape(G, Cb, length, D)
         eot = prompts.eot[:, members] - P
-        out.append([x, eot.amax(dim=0) + 1, eot, True])
+        out.append(SuffixState(x, eot.amax(dim=0) + 1, eot, True))
     return out
 
 
@@ -376,45 +415,3 @@ def _naive_overwriter(positions, values: torch.Tensor, G: int, C: int) -> Callab
     if values.dim() == 3:  # one set per group: repeat each group's values over its C prompts
         values = values.repeat_interleave(C, dim=0)
     return lambda x: _overwrite(x, positions, values)
-
-
-def _split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    *lead, three_d = qkv.shape
-    width = three_d // 3
-    q, k, v = qkv.view(*lead, 3, heads, width // heads).unbind(-3)
-    return q, k, v
-
-
-def _prefix_block(blk: nn.Module, x_prefix: torch.Tensor, heads: int, need_output: bool = True):
-    """One residual block over the shared prefix (G, P, D); returns (output or None, keys, values)."""
-    attn = blk.attn
-    G, P, D = x_prefix.shape
-    h = _layer_norm(blk.ln_1, x_prefix)
-    q_p, k_p, v_p = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G P H d
-    if not need_output:
-        return None, k_p, v_p
-    o = F.scaled_dot_product_attention(q_p.transpose(1, 2).float(), k_p.transpose(1, 2).float(),
-                                       v_p.transpose(1, 2).float(), is_causal=True)
-    o = o.transpose(1, 2).reshape(G, P, D).to(x_prefix.dtype)
-    out = x_prefix + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias)).to(x_prefix.dtype)
-    out = out + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, out))).to(out.dtype)
-    return out, k_p, v_p
-
-
-def _suffix_block(blk: nn.Module, x_suffix: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor,
-                  suffix_lens: torch.Tensor, heads: int, grouped: bool = True) -> torch.Tensor:
-    """One residual block over suffixes attending to the prefix keys/values (G, P, H, d).
-
-    ``x_suffix`` is (G, C, S, D), or (1, C, S, D) shared by every group when ``grouped`` is False.
-    """
-    attn = blk.attn
-    G, D = k_p.shape[0], x_suffix.shape[-1]
-    h = _layer_norm(blk.ln_1, x_suffix)
-    q_s, k_s, v_s = _split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G' C S H d
-    if not grouped:
-        q_s, k_s, v_s = (t.expand(G, *t.shape[1:]) for t in (q_s, k_s, v_s))
-    o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(D // heads))
-    C, S = o.shape[1], o.shape[2]
-    out = x_suffix + blk.ls_1(F.linear(o.reshape(G, C, S, D), attn.out_proj.weight, attn.out_proj.bias))
-    out = out.to(x_suffix.dtype)
-    return out + blk.ls_2(blk.mlp(_layer_norm(blk.ln_2, out))).to(out.dtype)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .engine import LayerPrompts, PromptSet
 from .official import check_clip_tensors, read_official
 from .prompts import clean_classnames, count_tokens, tokenize
@@ -150,7 +150,7 @@ class MaPLePromptLearner(nn.Module):
         return shared, deep
 
 
-class MaPLe(PromptModule):
+class MaPLe(CachedTextFeatures, ContextPromptModule):
     """MaPLe over an open_clip CLIP model with a ViT image tower.
 
     ``logits = maple(images)`` gives (B, n_cls) scaled cosine logits; only ``maple.prompt_learner``
@@ -173,14 +173,16 @@ class MaPLe(PromptModule):
         text_path: "auto" (fast where exact), "fast" or "naive" (official full prompts).
         seed: seed of the random parts of the init (None: torch's global generator). The init draws
             in the official order (ctx, proj, compound prompts, one projection cloned J-1 times).
+        capture: "none", "compile" or "cudagraphs" (CUDA only): run the fast text path under torch.compile
+            or as replayed CUDA graphs, see :mod:`promptcore.capture`.
     """
 
     method = "maple"
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 2,
                  ctx_init: Optional[str] = "a photo of a", depth: int = 9, text_path: str = "auto",
-                 seed: Optional[int] = None, freeze: bool = True):
-        super().__init__(model, tokenizer, text_path, freeze)
+                 seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, freeze, capture)
         visual = check_vision_tower(model)
         tower = self.engine.tower
         names = clean_classnames(classnames)
@@ -194,13 +196,10 @@ class MaPLe(PromptModule):
                              f"image tower {vision_blocks}); use depth <= {min(text_blocks, vision_blocks)}")
         if 1 + n_ctx + 1 > tower.context_length:  # SOS + context + EOT
             raise ValueError(f"n_ctx={n_ctx} does not fit the text context length {tower.context_length}")
-        self.n_ctx, self.ctx_init, self.depth = n_ctx, ctx_init, depth
+        self.ctx_init, self.depth = ctx_init, depth
         self.vision_width = visual.class_embedding.shape[0]
         learner, phrase = self._build_learner(tower, n_ctx, ctx_init, depth, seed)
-        self.prompt_prefix = phrase
-        self.prompt_learner = learner
-        self._install_prompts(classnames, "end", "shared", names)
-        self._finish_init()
+        self._init_prompts(learner, classnames, n_ctx=n_ctx, prompt_prefix=phrase, names=names)
 
     def _build_learner(self, tower, n_ctx, ctx_init, depth, seed) -> Tuple[MaPLePromptLearner, str]:
         low = tower.dtype
@@ -218,10 +217,6 @@ class MaPLe(PromptModule):
 
     def options(self) -> Dict[str, Any]:
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "depth": self.depth}
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list (e.g. base-to-new evaluation)."""
-        self._install_prompts(classnames, "end", "shared")
 
     # -- encoding -----------------------------------------------------------------------------
 

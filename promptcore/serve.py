@@ -25,7 +25,6 @@ import io
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -479,45 +478,6 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
     return 0
 
 
-def add_serve_subparser(sub) -> None:
-    """Register ``promptcore serve``."""
-    cmd = sub.add_parser("serve", help="serve a promptcore module over HTTP on Ray Serve with dynamic batching")
-    cmd.add_argument("--method", required=True, choices=METHODS)
-    cmd.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    cmd.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local weights file")
-    cmd.add_argument("--model-config", default=None, help="open_clip model config JSON to register (custom models)")
-    cmd.add_argument("--checkpoint", default=None,
-                     help="learned prompts: official checkpoint or promptcore .safetensors (coop/cocoop/maple; "
-                          "optional for tpt)")
-    names = cmd.add_mutually_exclusive_group(required=True)
-    names.add_argument("--classnames", default=None, help="class names, one per line")
-    names.add_argument("--dataset", default=None, help="built-in class list, e.g. imagenet")
-    cmd.add_argument("--allow-new-classes", action="store_true",
-                     help="accept class names other than an official checkpoint's training classes")
-    cmd.add_argument("--templates", default=None, help="zeroshot templates: openai, simple or a file")
-    cmd.add_argument("--n-ctx", type=int, default=None)
-    cmd.add_argument("--ctx-init", default=None)
-    cmd.add_argument("--n-views", type=int, default=None, help="TPT views per image (official 64)")
-    cmd.add_argument("--tpt-steps", type=int, default=None, help="TPT optimizer steps per image")
-    cmd.add_argument("--device", default="cpu", help="cpu or cuda")
-    cmd.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    cmd.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
-    cmd.add_argument("--port", type=int, default=8000)
-    cmd.add_argument("--max-batch", type=int, default=32, help="images per forward pass (and per request)")
-    cmd.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    cmd.add_argument("--max-queue", type=int, default=256,
-                     help="requests queued or running per replica before new ones get 503 overloaded")
-    cmd.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image accepted (pixels)")
-    cmd.add_argument("--top-k", type=int, default=5, help="labels returned per image (default 5)")
-    cmd.add_argument("--seed", type=int, default=0, help="TPT's default view seed (requests may pass their own)")
-    cmd.add_argument("--replicas", type=int, default=1, help="model replicas (Ray places them on the cluster)")
-    cmd.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
-    cmd.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
-    cmd.add_argument("--address", default=None,
-                     help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
-    cmd.set_defaults(func=_serve_command)
-
-
 def spec_from_args(args) -> ServeSpec:
     """The serving spec of parsed ``promptcore serve`` arguments."""
     from .models import builtin_classnames, read_classnames
@@ -538,11 +498,3 @@ def spec_from_args(args) -> ServeSpec:
                      max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000.0, max_queue=args.max_queue,
                      max_image_pixels=args.max_image_pixels, seed=args.seed, num_cpus=args.num_cpus,
                      num_gpus=args.num_gpus, allow_new_classes=args.allow_new_classes)
-
-
-def _serve_command(args) -> int:
-    spec = spec_from_args(args)
-    # build once here: a bad checkpoint, class file or model fails now with its own message, not in a replica
-    build_module(spec)
-    return serve_forever(spec, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-                         log=lambda *a, **k: print(*a, file=sys.stderr, **k))

@@ -1,18 +1,24 @@
-"""A read-only view of an open_clip model's text tower.
+"""A read-only view of an open_clip model's text tower, and the fast path's per-block math.
 
 open_clip keeps the text tower's modules at the top level of ``CLIP`` (``token_embedding``,
 ``transformer``, ``ln_final``, ...) and inside ``model.text`` (a ``TextTransformer``) for
-``CustomTextCLIP``. :class:`TextTower` gives both one interface and decides whether the
+``CustomTextCLIP``. :class:`TextTower` gives both one interface, decides whether the
 shared-prefix shortcut is exact for the tower (causal mask, pooling at the EOT token, no
-appended CLS token, standard residual blocks).
+appended CLS token, standard residual blocks), and runs one of its residual blocks either the
+official way (:meth:`TextTower.run_blocks`) or split into a shared prefix and suffixes that attend
+to it (:meth:`TextTower.prefix_block`, :meth:`TextTower.suffix_block`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from promptcore.kernels import prefix_attention
 
 
 class UnsupportedModelError(ValueError):
@@ -194,3 +200,62 @@ class TextTower:
         else:
             raise UnsupportedModelError(f"text pooling {self.pool_type!r} gives no sentence feature")
         return self.project(pooled)
+
+    # -- one residual block, split into a shared prefix and its suffixes (the fast path) ----------
+    # The same arithmetic as open_clip's ResidualAttentionBlock (pre-norm attention then MLP, each
+    # with its layer scale), written out so that suffix queries can attend to the prefix's keys and
+    # values. Only valid where ``fast_path_issue`` is None (checked by ``_block_issue``).
+
+    def prefix_block(self, index: int, x_prefix: torch.Tensor, need_output: bool = True):
+        """Block ``index`` over the shared prefix (G, P, D); returns (output or None, keys, values),
+        keys and values (G, P, H, d). ``need_output=False`` stops after the keys/values (the last
+        block's prefix output is never read)."""
+        blk = self.blocks[index]
+        attn = blk.attn
+        G, P, D = x_prefix.shape
+        h = layer_norm(blk.ln_1, x_prefix)
+        q_p, k_p, v_p = split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), self.heads)
+        if not need_output:
+            return None, k_p, v_p
+        o = F.scaled_dot_product_attention(q_p.transpose(1, 2).float(), k_p.transpose(1, 2).float(),
+                                           v_p.transpose(1, 2).float(), is_causal=True)
+        o = o.transpose(1, 2).reshape(G, P, D).to(x_prefix.dtype)
+        out = x_prefix + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias)).to(x_prefix.dtype)
+        out = out + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, out))).to(out.dtype)
+        return out, k_p, v_p
+
+    def suffix_block(self, index: int, x_suffix: torch.Tensor, k_p: torch.Tensor, v_p: torch.Tensor,
+                     suffix_lens: torch.Tensor, grouped: bool = True) -> torch.Tensor:
+        """Block ``index`` over suffixes attending to the prefix keys/values (G, P, H, d) plus their own.
+
+        ``x_suffix`` is (G, C, S, D), or (1, C, S, D) shared by every group when ``grouped`` is False
+        (the output is then per group: (G, C, S, D)). ``suffix_lens`` (C,) are the live positions.
+        """
+        blk = self.blocks[index]
+        attn = blk.attn
+        heads = self.heads
+        G, D = k_p.shape[0], x_suffix.shape[-1]
+        h = layer_norm(blk.ln_1, x_suffix)
+        q_s, k_s, v_s = split_heads(F.linear(h, attn.in_proj_weight, attn.in_proj_bias), heads)  # G' C S H d
+        if not grouped:
+            q_s, k_s, v_s = (t.expand(G, *t.shape[1:]) for t in (q_s, k_s, v_s))
+        o = prefix_attention(q_s, k_s, v_s, k_p, v_p, suffix_lens, 1.0 / math.sqrt(D // heads))
+        C, S = o.shape[1], o.shape[2]
+        out = x_suffix + blk.ls_1(F.linear(o.reshape(G, C, S, D), attn.out_proj.weight, attn.out_proj.bias))
+        out = out.to(x_suffix.dtype)
+        return out + blk.ls_2(blk.mlp(layer_norm(blk.ln_2, out))).to(out.dtype)
+
+
+def layer_norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with fp32 statistics, cast back to the input dtype."""
+    weight = mod.weight.float() if mod.weight is not None else None
+    bias = mod.bias.float() if mod.bias is not None else None
+    return F.layer_norm(x.float(), mod.normalized_shape, weight, bias, mod.eps).to(x.dtype)
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused in-projection output (..., 3 D) as q, k, v, each (..., heads, D / heads)."""
+    *lead, three_d = qkv.shape
+    width = three_d // 3
+    q, k, v = qkv.view(*lead, 3, heads, width // heads).unbind(-3)
+    return q, k, v

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from promptcore.kernels import cosine_logits
 
-from .base import PromptModule
+from .base import CachedTextFeatures, ContextPromptModule
 from .checkpoints import CheckpointError, read_prompt_file
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim, meta_net_shapes
@@ -104,7 +104,7 @@ class TPTPromptLearner(nn.Module):
         self.prompts: Optional[PromptSet] = None
 
 
-class TPT(PromptModule):
+class TPT(CachedTextFeatures, ContextPromptModule):
     """Test-time prompt tuning over an open_clip CLIP model.
 
     ``tpt.predict(images)`` makes views of raw images on their device and tunes each image on its
@@ -128,6 +128,8 @@ class TPT(PromptModule):
         cocoop_meta_net: hold a CoCoOp meta-net (set by :meth:`init_from_cocoop`).
         meta_net_input: "raw" (official TPT+CoCoOp: the unnormalised view-0 feature) or "normalized".
         seed: seed of the random context init and the default view generator.
+        capture: "none", "compile" or "cudagraphs" (CUDA only): run the fast text path under torch.compile
+            or as replayed CUDA graphs, see :mod:`promptcore.capture`.
     """
 
     method = "tpt"
@@ -137,8 +139,8 @@ class TPT(PromptModule):
                  lr: float = 5e-3, steps: int = 1, weight_decay: float = 0.01, augmix: bool = False,
                  precision: Optional[str] = None, batch_size: int = 8, class_token_position: str = "end",
                  text_path: str = "auto", cocoop_meta_net: bool = False, meta_net_input: str = "raw",
-                 image_batch: int = 256, seed: Optional[int] = None, freeze: bool = True):
-        super().__init__(model, tokenizer, text_path, freeze)
+                 image_batch: int = 256, seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, freeze, capture)
         _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"unknown class token position {class_token_position!r}; "
@@ -156,17 +158,15 @@ class TPT(PromptModule):
         names = clean_classnames(classnames)  # validate before anything is built
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx, n_ctx, phrase = init_context(self.engine.tower, self.tokenizer, ctx_init, n_ctx, generator=generator)
-        self.n_ctx, self.ctx_init, self.prompt_prefix = n_ctx, ctx_init, phrase
-        self.class_token_position = class_token_position
+        self.ctx_init = ctx_init
         self.n_views, self.selection, self.lr, self.steps = int(n_views), float(selection), float(lr), int(steps)
         self.weight_decay, self.augmix, self.precision = float(weight_decay), bool(augmix), precision
         self.batch_size, self.image_batch, self.seed = int(batch_size), int(image_batch), seed
         self.meta_net_input = meta_net_input
-        self.prompt_learner = TPTPromptLearner(ctx)
-        if cocoop_meta_net:
+        self._init_prompts(TPTPromptLearner(ctx), classnames, n_ctx=n_ctx, prompt_prefix=phrase,
+                           class_token_position=class_token_position, ctx_layout="group", names=names)
+        if cocoop_meta_net:  # frozen, outside CLIP: drawn after the context, as before
             self._add_meta_net()
-        self._install_prompts(classnames, self.class_token_position, "group", names)
-        self._finish_init()
 
     # -- options, classes, precision --------------------------------------------------------
 
@@ -176,10 +176,6 @@ class TPT(PromptModule):
                 "precision": self.precision, "batch_size": self.batch_size,
                 "class_token_position": self.class_token_position,
                 "cocoop_meta_net": self.prompt_learner.meta_net is not None, "meta_net_input": self.meta_net_input}
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Swap the class list."""
-        self._install_prompts(classnames, self.class_token_position, "group")
 
     @property
     def num_classes(self) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import PromptModule
+from .base import CachedTextFeatures, PromptModule
 from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
 from .engine import PromptSet
 from .prompts import PromptTooLongError, clean_classnames, tokenize
@@ -128,7 +128,7 @@ def as_format_string(index: int, template: Template, names: Sequence[str]) -> st
                           "(it changes the class name): pass it as a format string to save or export")
 
 
-class ZeroShot(PromptModule):
+class ZeroShot(CachedTextFeatures, PromptModule):
     """A zero-shot classifier (prompt ensemble) over an open_clip CLIP model.
 
     ``zs.text_features()`` is the (n_cls, E) classifier equal to open_clip's
@@ -146,14 +146,17 @@ class ZeroShot(PromptModule):
         max_prompts: prompts per encoder pass (bounds memory on big builds); None: 8192 on the fast
             path, 1024 on the full-prompt path.
         progress: show a tqdm bar when a build takes more than a couple of seconds.
+        capture: "none", "compile" or "cudagraphs" (CUDA only): run the fast text path under torch.compile
+            or as replayed CUDA graphs, see :mod:`promptcore.capture`.
     """
 
     method = "zeroshot"
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], templates="openai", tokenizer=None,
-                 text_path: str = "auto", max_prompts: Optional[int] = None, progress: bool = True):
+                 text_path: str = "auto", max_prompts: Optional[int] = None, progress: bool = True,
+                 capture: str = "none"):
         # CLIP is left trainable-as-given: a zero-shot classifier learns nothing and freezes nothing.
-        super().__init__(model, tokenizer, text_path, freeze=False)
+        super().__init__(model, tokenizer, text_path, capture)
         if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
                                         or max_prompts < 1):
             raise ValueError(f"max_prompts must be a positive integer, got {max_prompts!r}")
@@ -235,14 +238,12 @@ class ZeroShot(PromptModule):
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors), self._classes_version, \
             self.text_path
 
+    def _use_cache(self) -> bool:
+        return True  # built without gradients, in any mode: only the class list, path or tower weights expire it
+
     def text_features(self) -> torch.Tensor:
         """The (n_cls, E) classifier, L2-normalised rows (cached; see the class docstring)."""
-        key = self._cache_key()
-        if self._text_cache is not None and self._text_cache[0] == key:
-            return self._text_cache[1]
-        feats = self._compute_text_features()
-        self._text_cache = (key, feats)
-        return feats
+        return super().text_features()
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

@@ -172,3 +172,17 @@ def test_compiled_scoring_holds_the_cosine_op(monkeypatch):
     assert "promptcore.cosine_logits_backward.default" in recorder.ops()
     for a, b in zip(g_got, g_want):
         assert_close_scaled(a, b, reduction=5 * 7, name="compiled scoring gradient")
+
+
+@pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "MaPLe", "TPT", "ZeroShot"])
+def test_every_method_takes_the_capture_keyword(method):
+    cls = getattr(promptcore, method)
+    extra = {"depth": 1} if method == "MaPLe" else {}
+    module = cls(make_model(), NAMES, capture="compile", **extra)
+    assert module.engine.fast.mode == "compile"
+    assert cls(make_model(), NAMES, **extra).engine.fast.mode == "none"
+    model = make_model()
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="unknown capture mode"):
+        cls(model, NAMES, capture="graphs", **extra)
+    assert [p.requires_grad for p in model.parameters()] == before  # refused before freezing anything

@@ -305,7 +305,7 @@ def test_groups_with_own_tokens_equal_full_prompts(kind, backend, monkeypatch):
         oracle2 = float64_copy(model).encode_text(same_len.reshape(-1, 77)).reshape(2, len(names), -1)
     assert_within_naive_error(engine.encode(shared, path="fast"), ref2, oracle2, name="shared prefix")
     live, full = shared.live_tokens
-    suffixes = sum(getattr(shared, b).numel() * n for b, n, _ in shared.buckets)
+    suffixes = sum(shared.members(b).numel() * b.length for b in shared.buckets)
     assert full == 2 * len(names) * 77 and live == 2 * (5 + suffixes)
 
 
@@ -326,3 +326,50 @@ def test_one_group_one_class_and_bad_per_group_sets():
         PromptSet(engine.tower, ids[:0], slots[:0])
     with pytest.raises(ValueError, match="no context, bias or layer prompts"):
         engine.encode(prompts, torch.zeros(1, 64))
+
+
+def test_bucket_indices_move_with_the_prompt_set_and_stay_out_of_state_dicts():
+    names = ["x", "dog", "great white shark", "a very long class name of many tokens"]
+    coop = promptcore.CoOp(make_model(), names, n_ctx=2, seed=0)
+    prompts = coop.prompt_learner.prompts
+    assert len(prompts.buckets) > 1
+    assert sorted(torch.cat([prompts.members(b) for b in prompts.buckets]).tolist()) == list(range(len(names)))
+    assert [b.size for b in prompts.buckets] == [prompts.members(b).numel() for b in prompts.buckets]
+    assert set(coop.prompt_learner.state_dict()) == {"ctx"}
+    moved = prompts.to("meta")
+    assert all(moved.members(b).device.type == "meta" for b in moved.buckets)
+    assert moved.bucket_order.device.type == "meta"
+
+
+def test_method_base_classes_state_their_contract():
+    from promptcore.base import CachedTextFeatures, ContextPromptModule, PromptModule
+
+    class NoOptions(ContextPromptModule):
+        method = "nooptions"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoOptions(make_model())
+
+    class NoMethod(ContextPromptModule):
+        def options(self):
+            return {}
+
+    with pytest.raises(TypeError, match="must name its method"):
+        NoMethod(make_model())
+
+    class NoFeatures(CachedTextFeatures, PromptModule):
+        method = "nofeatures"
+
+        def options(self):
+            return {}
+
+    with pytest.raises(TypeError, match="_compute_text_features"):
+        NoFeatures(make_model())
+    # one class matrix per class list where the method has one; CoCoOp's depends on the image
+    cached = [promptcore.CoOp, promptcore.MaPLe, promptcore.TPT, promptcore.ZeroShot]
+    assert all(issubclass(cls, CachedTextFeatures) for cls in cached)
+    assert not issubclass(promptcore.CoCoOp, CachedTextFeatures)
+    assert all(issubclass(cls, ContextPromptModule) for cls in cached[:3] + [promptcore.CoCoOp])
+    coop = promptcore.CoOp(make_model(), ["dog", "cat"], n_ctx=2, seed=0, class_token_position="front")
+    assert (coop.n_ctx, coop.ctx_layout, coop.class_token_position) == (2, "shared", "front")
+    assert all(not p.requires_grad for p in coop.model.parameters())
