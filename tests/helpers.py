@@ -119,3 +119,27 @@ def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(module).double()
+
+
+class GraphRecorder:
+    """A torch.compile backend like ``aot_eager`` that keeps every forward and backward FX graph it is
+    handed, so a test can check which ops a compiled function really calls."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def _keep(self, gm, inputs):
+        from functorch.compile import make_boxed_func
+
+        self.graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    @property
+    def backend(self):
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=self._keep, bw_compiler=self._keep)
+
+    def ops(self):
+        """Names of every op called in the recorded graphs (e.g. "promptcore.prefix_attention.default")."""
+        return {str(n.target) for gm in self.graphs for n in gm.graph.nodes if n.op == "call_function"}

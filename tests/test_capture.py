@@ -8,8 +8,7 @@ Triton backend (the interpreter on CPU), so the graphs must contain the kernels 
 
 import pytest
 import torch
-from helpers import assert_close_scaled, make_model
-from torch._dynamo.backends.common import aot_autograd
+from helpers import GraphRecorder, assert_close_scaled, make_model
 
 import promptcore
 from promptcore import PromptSet, TextEngine
@@ -25,25 +24,6 @@ def fresh_dynamo():
     yield
     torch._dynamo.reset()
 
-
-class GraphRecorder:
-    """An aot_eager-like backend that keeps every forward and backward FX graph it is handed."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def _keep(self, gm, inputs):
-        from functorch.compile import make_boxed_func
-
-        self.graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    @property
-    def backend(self):
-        return aot_autograd(fw_compiler=self._keep, bw_compiler=self._keep)
-
-    def ops(self):
-        return {str(n.target) for gm in self.graphs for n in gm.graph.nodes if n.op == "call_function"}
 
 
 def _prompts(engine, layout="shared"):

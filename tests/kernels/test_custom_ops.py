@@ -10,8 +10,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_scaled
-from torch._dynamo.backends.common import aot_autograd
+from helpers import GraphRecorder, assert_close_scaled
 from torch.library import opcheck
 
 from promptcore.kernels import assemble_prompts, prefix_attention, prefix_attention_ref
@@ -103,26 +102,6 @@ def test_eager_ops_equal_reference_with_grads(device):
 
 # -- torch.compile captures the ops --------------------------------------------------------------------
 
-
-class GraphRecorder:
-    """An aot_eager-like backend that keeps the forward and backward FX graphs it was handed."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def _keep(self, gm, inputs):
-        from functorch.compile import make_boxed_func
-
-        self.graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    @property
-    def backend(self):
-        return aot_autograd(fw_compiler=self._keep, bw_compiler=self._keep)
-
-    def ops(self):
-        """Names of every op called in the recorded graphs."""
-        return [str(n.target) for gm in self.graphs for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def _compiled_matches_eager(fn, args, grad_mask, reduction):
