@@ -27,6 +27,9 @@ Triton path (fp16, bf16, fp32; any G, B, N, E; a 2-D call is the G = 1 case):
   per group as a tiled product (fp32 out), and ``_l2_normalize_bwd_kernel`` projects it back
   through the normalisation row by row, also writing <d x_hat, x_hat> per row, whose sum over
   image rows is d logit_scale. Entropy and argmax carry no gradient.
+* on CUDA the logits and d x_hat kernels launch through ``triton.autotune``: one tuner per kernel and
+  class (fp32 or fp16/bf16 operands, aligned or not; the with-stats forward apart), keyed on the per-group
+  sizes (B, N, E; M, N, E), tiles pruned to what those sizes need (``FWD_CONFIGS``, ``BWD_CONFIGS``).
 
 Group strides are runtime arguments: a tensor expanded over the groups (stride 0, e.g. one class
 matrix shared by every group) is read in place, never copied; a stride-0 row or feature dim is copied.
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from ._utils import (
     HAS_TRITON,
     INTERPRETED,
+    autotuned,
     cast_for_store,
     dot_in_input_dtype,
     dot_precision,
@@ -334,17 +338,66 @@ def _row_norms(x: torch.Tensor, sx_g: int) -> torch.Tensor:
     return norm
 
 
-def _fwd_blocks(img: torch.Tensor, txt: torch.Tensor) -> dict:
-    """Tiles of the logits kernel: fp32 (3xTF32) and unaligned inputs get half the fp16/bf16 tile; aligned
-    groups of at most 16 images (CoCoOp: one) get 16-row tiles instead of mostly empty 64-row ones."""
-    if INTERPRETED:
-        return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_E=32)  # few, large programs
-    if not vector_aligned(img, txt):  # (16-row tiles spilled here: fp32, sm_90, Triton 3.8)
-        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
-    block_b = 16 if img.shape[-2] <= 16 else 64
-    if img.dtype == torch.float32 or txt.dtype != img.dtype:
-        return dict(BLOCK_B=block_b, BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_B=block_b, BLOCK_N=128, BLOCK_E=64, num_warps=8 if block_b == 64 else 4, num_stages=3)
+# Autotune configs ((BLOCK_B or BLOCK_M rows, BLOCK_N, BLOCK_E), warps, stages) per kernel and class (fp32 or
+# mixed-dtype operands, i.e. 3xTF32 / upcast dots; vector-aligned inputs or not), the first the class default.
+# Every one passes the resource gate (python -m promptcore.kernels.resources: no spill, >= 1 CTA per SM on sm_80
+# and sm_90, Triton 3.8 and 3.9). Unaligned inputs load element by element (a 64-bit address each) and fit one
+# small tile only: not tuned. Under the interpreter every launch uses ``INTERPRETER`` instead (few, large programs).
+FWD_CONFIGS = {  # logits kernel: BLOCK_B image rows x BLOCK_N classes, E in BLOCK_E steps
+    (False, True): [((64, 128, 64), 8, 3), ((16, 128, 64), 4, 3), ((32, 128, 64), 4, 3), ((64, 64, 64), 4, 3)],
+    (True, True): [((64, 64, 32), 8, 3), ((16, 64, 32), 4, 3), ((32, 64, 32), 4, 3), ((64, 128, 32), 8, 3)],
+    (False, False): [((32, 64, 32), 4, 3)],  # (16-row tiles spilled here: fp32, sm_90, Triton 3.8)
+    (True, False): [((32, 64, 32), 4, 3)],
+}
+BWD_CONFIGS = {  # d x_hat kernel: BLOCK_M rows x BLOCK_E features, N (the reduction) in BLOCK_N steps
+    (False, True): [((64, 32, 64), 4, 3), ((64, 64, 64), 4, 3), ((32, 64, 64), 4, 3)],
+    # fp32 (3xTF32): BLOCK_N=64 spilled 16 B (Triton 3.8), 32 x 32 x 64 spilled 8 B at 128 registers (3.9, sm_80)
+    (True, True): [((64, 32, 64), 4, 3), ((64, 32, 32), 4, 3)],
+    (False, False): [((32, 32, 32), 4, 3)],
+    (True, False): [((32, 16, 32), 4, 3)],  # fp32 operands spilled 8 B on sm_80 at BLOCK_N=32 (group strides)
+}
+INTERPRETER = {"fwd": ((64, 64, 32), 4, 3), "bwd": ((64, 32, 64), 4, 3)}
+_NAMES = {"fwd": ("BLOCK_B", "BLOCK_N", "BLOCK_E"), "bwd": ("BLOCK_M", "BLOCK_N", "BLOCK_E")}
+# per-group sizes; the group count only multiplies the grid (Triton adds the tensors' dtypes)
+_TUNE_KEYS = {"fwd": ["B", "N", "E"], "bwd": ["M", "N", "E"]}
+# the tile dims pruned to what the problem needs (the reduction dim, BLOCK_E resp. BLOCK_N, is not)
+_FIT = {"fwd": (("BLOCK_B", "B"), ("BLOCK_N", "N")), "bwd": (("BLOCK_M", "M"), ("BLOCK_E", "E"))}
+
+
+def configs(kind: str, fp32: bool, aligned: bool, with_stats: bool = False) -> list:
+    """Autotune configs of ``kind`` ("fwd" or "bwd") for a class: ``(meta-parameters, num_warps, num_stages)``.
+
+    ``fp32``: fp32 or mixed-dtype operands (upcast dots); ``aligned``: :func:`vector_aligned` inputs. Under
+    the interpreter the one ``INTERPRETER`` config. With entropy statistics (forward) only the configs with
+    the default's BLOCK_N: the partials buffer has one slot per N tile, allocated before the tuner picks.
+    """
+    table = [INTERPRETER[kind]] if INTERPRETED else (FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS)[(fp32, aligned)]
+    out = [(dict(zip(_NAMES[kind], tiles)), w, s) for tiles, w, s in table]
+    if with_stats:
+        out = [c for c in out if c[0]["BLOCK_N"] == out[0][0]["BLOCK_N"]]
+    return out
+
+
+def _fit_tiles(kind: str):
+    """``early_config_prune`` of ``kind``: per tile dim, drop configs wider than the problem needs
+    (next power of two >= 16) if a narrower one remains (16-row tiles only for groups of <= 16 images)."""
+
+    def prune(cfgs, named_args, **kwargs):
+        for block, size in _FIT[kind]:
+            need = next_pow2(named_args[size], 16)
+            fits = [c for c in cfgs if c.kwargs[block] <= need]
+            narrowest = min(c.kwargs[block] for c in cfgs)
+            cfgs = fits or [c for c in cfgs if c.kwargs[block] == narrowest]
+        return cfgs
+
+    return prune
+
+
+def _tuned(kernel_fn, kind: str, fp32: bool, aligned: bool, with_stats: bool = False):
+    """``kernel_fn`` under the autotuner of its class, and the class's configs (first: the default)."""
+    cfgs = configs(kind, fp32, aligned, with_stats)
+    name = f"cosine_logits.{kind}.{'fp32' if fp32 else 'low'}.{aligned}{'.stats' if with_stats else ''}"
+    return autotuned(kernel_fn, name, cfgs, _TUNE_KEYS[kind], _fit_tiles(kind)), cfgs
 
 
 def _cosine_logits_fwd(img, txt, logit_scale, with_stats, out_dtype: Optional[torch.dtype] = None):
@@ -361,16 +414,16 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats, out_dtype: Optional[to
     N = txt.shape[1]
     img_norm, txt_norm = _row_norms(img, si_g), _row_norms(txt, st_g)
     out = torch.empty((G, B, N), dtype=out_dtype or img.dtype, device=img.device)
-    cfg = _fwd_blocks(img, txt)
     upcast = not dot_in_input_dtype(img) or img.dtype != txt.dtype
-    n_tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
-    if with_stats:
+    fp32 = img.dtype == torch.float32 or txt.dtype != img.dtype
+    kernel, cfgs = _tuned(_cosine_logits_fwd_kernel, "fwd", fp32, vector_aligned(img, txt), with_stats)
+    if with_stats:  # every config of a stats class has the same BLOCK_N (see configs): one partial per N tile
+        n_tiles_n = triton.cdiv(N, cfgs[0][0]["BLOCK_N"])
         stats = torch.empty((G, B, n_tiles_n, 3), dtype=torch.float32, device=img.device)
         idx = torch.empty((G, B, n_tiles_n), dtype=torch.int64, device=img.device)
     else:
         stats = idx = img_norm  # never touched
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]) * n_tiles_n * G,)
-    _cosine_logits_fwd_kernel[grid](
+    kernel[lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]) * triton.cdiv(N, cfg["BLOCK_N"]) * G,)](
         out, out.stride(0), out.stride(1), out.stride(2),
         stats, idx,
         img, si_g, img.stride(1),
@@ -378,7 +431,7 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats, out_dtype: Optional[to
         img_norm, 0 if si_g == 0 else B, txt_norm, 0 if st_g == 0 else N, logit_scale,
         B, N, E, NORM_EPS,
         WITH_STATS=with_stats, UPCAST=upcast, DOT=dot_precision(torch.float32 if upcast else img.dtype), GROUP_B=8,
-        RTNE_BF16=needs_bf16_rounding(out), **cfg,
+        RTNE_BF16=needs_bf16_rounding(out),
     )
     shape = (B,) if flat else (G, B)
     out = out[0] if flat else out
@@ -407,18 +460,15 @@ def _normalised_grad(dlogits_view, x, y, y_norm, logit_scale, sg_m, sg_n, sg_g=0
     N = y.shape[1]
     dxh = torch.empty((groups, M, E), dtype=torch.float32, device=x.device)
     upcast = not dot_in_input_dtype(dlogits_view) or dlogits_view.dtype != y.dtype
-    if INTERPRETED or vector_aligned(dlogits_view, y):
-        bm, bn, be = 64, 32, 64
-    else:  # scalar loads; fp32 (3xTF32) operands spilled 8 B on sm_80 at BLOCK_N=32 once group strides came in
-        bm, bn, be = 32, 16 if upcast else 32, 32
-    grid = (triton.cdiv(M, bm) * groups, triton.cdiv(E, be))
-    _cosine_logits_bwd_kernel[grid](
+    fp32 = dlogits_view.dtype == torch.float32 or dlogits_view.dtype != y.dtype
+    kernel, _ = _tuned(_cosine_logits_bwd_kernel, "bwd", fp32, vector_aligned(dlogits_view, y))
+    kernel[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * groups, triton.cdiv(E, cfg["BLOCK_E"]))](
         dxh, dxh.stride(0), dxh.stride(1),
         dlogits_view, sg_g, sg_m, sg_n,
         y, sy_g, y.stride(1),
         y_norm, 0 if sy_g == 0 else N, logit_scale,
         M, N, E, NORM_EPS,
-        UPCAST=upcast, DOT=dot_precision(torch.float32), BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be,
+        UPCAST=upcast, DOT=dot_precision(torch.float32),
     )
     return dxh[0] if flat else dxh
 

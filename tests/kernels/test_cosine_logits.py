@@ -295,3 +295,108 @@ def test_public_function_calls_the_registered_op(monkeypatch, device):
     assert logits.shape == (2, 3, 9) and logits.dtype == torch.float16
     assert entropy.shape == argmax.shape == (2, 3) and argmax.dtype == torch.int64
     assert calls == [(1, 3, 8)]  # the fake kernel launched nothing
+
+
+# -- autotuned tiles: one tuner per (kernel, fp32 or fp16/bf16, aligned) class; the interpreter runs INTERPRETER --
+
+CLASSES = [(fp32, aligned) for fp32 in (False, True) for aligned in (True, False)]
+
+
+def test_launches_go_through_the_autotuner(monkeypatch, device):
+    """Forward (with and without stats) and backward launch through one tuner per class, keyed on the shape."""
+    from triton.runtime.autotuner import Autotuner
+
+    utils = importlib.import_module("promptcore.kernels._utils")
+    monkeypatch.setattr(utils, "_TUNERS", {})
+    img, txt, scale = make_group_inputs(2, 5, 48, 32, torch.float16, device, seed=13)
+    img.requires_grad_()
+    cosine_logits(img, txt, scale).float().sum().backward()
+    cosine_logits(img.detach(), txt, scale, with_entropy=True)
+    tuners = {k: v for k, v in utils._TUNERS.items() if k.startswith("cosine_logits.")}
+    assert set(tuners) == {"cosine_logits.fwd.low.True", "cosine_logits.fwd.low.True.stats",
+                           "cosine_logits.bwd.low.True"}
+    for name, tuner in tuners.items():
+        kind = name.split(".")[1]
+        assert isinstance(tuner, Autotuner) and tuner.keys == cl._TUNE_KEYS[kind]
+        assert tuner.fn is (cl._cosine_logits_fwd_kernel if kind == "fwd" else cl._cosine_logits_bwd_kernel)
+        (block_rows, block_n, block_e), warps, stages = cl.INTERPRETER[kind]
+        assert [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs] == [
+            (dict(zip(cl._NAMES[kind], (block_rows, block_n, block_e))), warps, stages)]
+
+
+@pytest.mark.parametrize("fp32,aligned", CLASSES)
+def test_autotune_config_lists(fp32, aligned, monkeypatch):
+    """Aligned classes tune between a few configs; unaligned ones (scalar loads) keep one small tile."""
+    monkeypatch.setattr(cl, "INTERPRETED", False)
+    for kind in ("fwd", "bwd"):
+        cfgs = cl.configs(kind, fp32, aligned)
+        assert (len(cfgs) > 1) == aligned and len(cfgs) <= 4
+        assert len({(tuple(m.values()), w, s) for m, w, s in cfgs}) == len(cfgs)  # no duplicates
+        for meta, warps, stages in cfgs:
+            assert set(meta) == set(cl._NAMES[kind]) and warps in (4, 8) and stages >= 1
+            assert all(v >= 16 and v & (v - 1) == 0 for v in meta.values())
+            if not aligned:
+                assert max(meta.values()) <= 64
+        # the with-stats class: the configs of the default's BLOCK_N (one partial per N tile, allocated up front)
+        if kind == "fwd":
+            stats = cl.configs(kind, fp32, aligned, with_stats=True)
+            assert stats[0] == cfgs[0] and (len(stats) > 1) == aligned
+            assert stats == [c for c in cfgs if c[0]["BLOCK_N"] == cfgs[0][0]["BLOCK_N"]]
+            # a 16-row tile of the default's width exists: groups of <= 16 images tune too
+            assert any(m["BLOCK_B"] == 16 for m, _, _ in stats) == aligned
+    monkeypatch.setattr(cl, "INTERPRETED", True)
+    assert cl.configs("fwd", fp32, aligned, True) == [({"BLOCK_B": 64, "BLOCK_N": 64, "BLOCK_E": 32}, 4, 3)]
+
+
+def test_tile_prune():
+    """early_config_prune: 16-row tiles only (of the listed ones) for <= 16 rows, nothing wider than N (bwd: M, E)
+    needs when a narrower tile remains; the reduction dim is never pruned."""
+    import triton
+
+    def pruned(kind, tiles, **sizes):
+        cfgs = [triton.Config(dict(zip(cl._NAMES[kind], t))) for t in tiles]
+        return [tuple(c.kwargs[n] for n in cl._NAMES[kind]) for c in cl._fit_tiles(kind)(cfgs, sizes)]
+
+    fwd = [(64, 128, 64), (16, 128, 64), (32, 128, 64), (64, 64, 64), (16, 64, 32)]
+    assert pruned("fwd", fwd, B=64, N=1000, E=512) == fwd
+    assert pruned("fwd", fwd, B=1, N=1000, E=512) == [(16, 128, 64), (16, 64, 32)]
+    assert pruned("fwd", fwd, B=17, N=1000, E=512) == [(16, 128, 64), (32, 128, 64), (16, 64, 32)]
+    assert pruned("fwd", fwd, B=16, N=40, E=8) == [(16, 64, 32)]  # BLOCK_E (the reduction) stays
+    assert pruned("fwd", fwd[:1], B=1, N=1, E=1) == fwd[:1]  # nothing narrower: the narrowest stays
+    bwd = [(64, 32, 64), (32, 64, 64), (32, 32, 32)]
+    assert pruned("bwd", bwd, M=1000, N=5, E=512) == bwd
+    assert pruned("bwd", bwd, M=20, N=5000, E=512) == [(32, 64, 64), (32, 32, 32)]
+    assert pruned("bwd", bwd, M=20, N=5, E=24) == [(32, 32, 32)]
+
+
+def _all_configs(kind):
+    table = cl.FWD_CONFIGS if kind == "fwd" else cl.BWD_CONFIGS
+    seen = {cl.INTERPRETER[kind][0]}  # tiles: warps and stages change nothing under the interpreter
+    out = []
+    for (fp32, _aligned), cfgs in table.items():
+        for cfg in cfgs:
+            if cfg[0] not in seen:
+                seen.add(cfg[0])
+                out.append((cfg, torch.float32 if fp32 else torch.bfloat16))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_every_autotune_config_is_right(kind, monkeypatch, device):
+    """The interpreter runs one config: force each other config of every class (forward with entropy/argmax,
+    gradients) and compare with the reference; grouped inputs over several B, N and E tiles."""
+    utils = importlib.import_module("promptcore.kernels._utils")
+    forced = _all_configs(kind)
+    assert len(forced) >= 4
+    for i, (cfg, dtype) in enumerate(forced):
+        monkeypatch.setitem(cl.INTERPRETER, kind, cfg)
+        monkeypatch.setattr(utils, "_TUNERS", {})
+        args = make_group_inputs(2, 19, 150, 80, dtype, device, seed=20 + i)
+        out, _ = check_op(scored(True)(cosine_logits), scored(True)(cosine_logits_ref), args, [True, True, True],
+                          dtype, NAMES)
+        hi = cosine_logits_ref(args[0].float(), args[1].float(), args[2], with_entropy=True)
+        torch.testing.assert_close(out.entropy, hi.entropy, atol=1e-4, rtol=1e-4)
+        picked = hi.logits.gather(2, out.argmax[..., None])[..., 0]
+        assert (picked >= hi.logits.max(dim=2).values - 1e-4).all(), cfg
+        tuners = [t for name, t in utils._TUNERS.items() if name.startswith(f"cosine_logits.{kind}.")]
+        assert tuners and all([c.kwargs for c in t.configs] == [dict(zip(cl._NAMES[kind], cfg[0]))] for t in tuners)
