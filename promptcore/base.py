@@ -29,7 +29,8 @@ from .views import require_finite
 
 class PromptModule(nn.Module, ABC):
     """Base class of the method modules. A subclass names its ``method`` (the class attribute saved in
-    prompt files) and implements :meth:`options`; nothing else is read from it."""
+    prompt files) and implements :meth:`options`, :meth:`save` and :meth:`load`; nothing else is read from it.
+    :class:`ContextPromptModule` implements the files for methods whose state is a prompt learner."""
 
     method: str = ""
 
@@ -103,6 +104,46 @@ class PromptModule(nn.Module, ABC):
 
     # -- promptcore files -------------------------------------------------------------------
 
+    @abstractmethod
+    def save(self, path, model_name: Optional[str] = None):
+        """Write what this module learned (or built), its options and class names to a promptcore file."""
+
+    @abstractmethod
+    def load(self, path) -> Dict[str, Any]:
+        """Load a promptcore file written by :meth:`save` into this module; returns its metadata."""
+
+    @classmethod
+    def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):
+        """Build the module a promptcore prompt file describes (its options and class names) and load it."""
+        _, meta = read_prompt_file(path)
+        if cls.method and meta["method"] != cls.method:
+            raise CheckpointError(f"{path} holds {meta['method']} prompts, not {cls.method}")
+        options = dict(meta["options"])
+        options.update(overrides)
+        classnames: Sequence[str] = options.pop("classnames", None) or meta["classnames"]
+        module = cls(model, classnames, tokenizer=tokenizer, **options)
+        module.load(path)
+        module.model_name = meta["model_name"]
+        return module
+
+
+class ContextPromptModule(PromptModule):
+    """A method whose prompts are ``[SOS] [learned context] [class name] . [EOT]`` (CoOp, CoCoOp, MaPLe, TPT).
+
+    A subclass validates its options, builds its prompt learner (an ``nn.Module`` holding ``ctx``; its
+    ``prompts`` attribute receives the prompt set) from ``self.tokenizer`` and ``self.engine.tower``, and
+    ends ``__init__`` with :meth:`_init_prompts`, which takes everything this class reads as arguments.
+    """
+
+    prompt_learner: nn.Module
+
+    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
+                 capture: str = "none"):
+        super().__init__(model, tokenizer, text_path, capture)
+        self._freeze = freeze
+
+    # -- promptcore files: the prompt learner's state ----------------------------------------
+
     def save(self, path, model_name: Optional[str] = None):
         """Write the learned prompts, options and class names to a safetensors file (atomically)."""
         return save_prompt_file(path, dict(self.prompt_learner.state_dict()), self.method, self.options(),
@@ -136,35 +177,7 @@ class PromptModule(nn.Module, ABC):
         self.clear_cache()
         return result
 
-    @classmethod
-    def from_file(cls, path, model: nn.Module, tokenizer=None, **overrides):
-        """Build the module a promptcore prompt file describes (its options and class names) and load it."""
-        _, meta = read_prompt_file(path)
-        if cls.method and meta["method"] != cls.method:
-            raise CheckpointError(f"{path} holds {meta['method']} prompts, not {cls.method}")
-        options = dict(meta["options"])
-        options.update(overrides)
-        classnames: Sequence[str] = options.pop("classnames", None) or meta["classnames"]
-        module = cls(model, classnames, tokenizer=tokenizer, **options)
-        module.load(path)
-        module.model_name = meta["model_name"]
-        return module
-
-
-class ContextPromptModule(PromptModule):
-    """A method whose prompts are ``[SOS] [learned context] [class name] . [EOT]`` (CoOp, CoCoOp, MaPLe, TPT).
-
-    A subclass validates its options, builds its prompt learner (an ``nn.Module`` holding ``ctx``; its
-    ``prompts`` attribute receives the prompt set) from ``self.tokenizer`` and ``self.engine.tower``, and
-    ends ``__init__`` with :meth:`_init_prompts`, which takes everything this class reads as arguments.
-    """
-
-    prompt_learner: nn.Module
-
-    def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
-                 capture: str = "none"):
-        super().__init__(model, tokenizer, text_path, capture)
-        self._freeze = freeze
+    # -- class list -----------------------------------------------------------------------------
 
     def _init_prompts(self, learner: nn.Module, classnames: Sequence[str], *, n_ctx: int, prompt_prefix: str,
                       class_token_position: str = "end", ctx_layout: str = "shared",
