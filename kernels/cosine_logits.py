@@ -306,6 +306,11 @@ def cosine_logits_ref(image_features, text_features, logit_scale, with_entropy: 
 # host launchers
 
 
+def _shared_group(t: torch.Tensor) -> bool:
+    """Whether a 3-D tensor is one (R, E) matrix expanded over its groups (group stride 0)."""
+    return t.shape[0] > 1 and t.stride(0) == 0
+
+
 def _as_groups(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """A (G', R, E) view of a 2-D (R, E) or 3-D tensor for the kernels, and the group stride to pass.
 
@@ -314,13 +319,20 @@ def _as_groups(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """
     if t.dim() == 2:
         t = t.unsqueeze(0)
-    shared = t.shape[0] > 1 and t.stride(0) == 0
+    shared = _shared_group(t)
     if shared:
         t = t[:1]
     t = no_zero_strides(t)
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t, 0 if shared or t.shape[0] == 1 else t.stride(0)
+
+
+def _norm_group_stride(norm: torch.Tensor) -> int:
+    """Group stride of row norms (R,) or (G', R) as the kernels read them: 0 for one row of norms shared by
+    every group. Read from the norms themselves, so saved norms stay right whatever strides the features
+    reach the backward with (e.g. an expanded matrix materialised by a compiler)."""
+    return 0 if norm.dim() == 1 or norm.shape[0] == 1 else norm.stride(0)
 
 
 def _row_block(E: int, *tensors) -> int:
@@ -428,7 +440,7 @@ def _cosine_logits_fwd(img, txt, logit_scale, with_stats, out_dtype: Optional[to
         stats, idx,
         img, si_g, img.stride(1),
         txt, st_g, txt.stride(1),
-        img_norm, 0 if si_g == 0 else B, txt_norm, 0 if st_g == 0 else N, logit_scale,
+        img_norm, _norm_group_stride(img_norm), txt_norm, _norm_group_stride(txt_norm), logit_scale,
         B, N, E, NORM_EPS,
         WITH_STATS=with_stats, UPCAST=upcast, DOT=dot_precision(torch.float32 if upcast else img.dtype), GROUP_B=8,
         RTNE_BF16=needs_bf16_rounding(out),
@@ -466,7 +478,7 @@ def _normalised_grad(dlogits_view, x, y, y_norm, logit_scale, sg_m, sg_n, sg_g=0
         dxh, dxh.stride(0), dxh.stride(1),
         dlogits_view, sg_g, sg_m, sg_n,
         y, sy_g, y.stride(1),
-        y_norm, 0 if sy_g == 0 else N, logit_scale,
+        y_norm, _norm_group_stride(y_norm), logit_scale,
         M, N, E, NORM_EPS,
         UPCAST=upcast, DOT=dot_precision(torch.float32),
     )
@@ -490,7 +502,7 @@ def _l2_normalize_bwd(dxh, x, norm):
         rowdot,
         dxh3, dxh3.stride(0), dxh3.stride(1),
         x, sx_g, x.stride(1),
-        norm, 0 if sx_g == 0 else M, M, E, NORM_EPS,
+        norm, _norm_group_stride(norm), M, E, NORM_EPS,
         # fp32 rows at 128 columns spilled 8 B on sm_90 (Triton 3.8): fp32 takes half the columns
         RTNE_BF16=needs_bf16_rounding(dx), BLOCK_R=block_r,
         BLOCK_E=min(_row_block(E, dx, dxh3, x), 64 if x.dtype == torch.float32 else 128),
@@ -499,13 +511,11 @@ def _l2_normalize_bwd(dxh, x, norm):
     return (dx[0], rowdot[0]) if flat else (dx, rowdot)
 
 
-def _cosine_logits_bwd(dlogits, img, txt, logit_scale, need_img, need_txt, need_scale):
-    """Gradients (d img, d txt, d logit_scale) for 3-D inputs (any may be None when not needed)."""
+def _cosine_logits_bwd(dlogits, img, txt, logit_scale, img_norm, txt_norm, need_img, need_txt, need_scale):
+    """Gradients (d img, d txt, d logit_scale) for 3-D inputs (any may be None when not needed), from the
+    row norms the forward computed."""
     G = img.shape[0]
     dlogits = no_zero_strides(dlogits)
-    img_g, si_g = _as_groups(img)
-    txt_g, st_g = _as_groups(txt)
-    img_norm, txt_norm = _row_norms(img_g, si_g), _row_norms(txt_g, st_g)
     d_img = d_txt = d_scale = None
     sg = dlogits.stride()
     if need_img or need_scale:
@@ -523,17 +533,30 @@ def _cosine_logits_bwd(dlogits, img, txt, logit_scale, need_img, need_txt, need_
 # torch.library registration: the op torch.compile and CUDA graphs see (the Triton launchers inside)
 
 
-@torch.library.custom_op("promptcore::cosine_logits", mutates_args=())
+# Schemas spelled out: inferring them from annotations under postponed evaluation varies across torch versions.
+_COSINE_LOGITS_SCHEMA = ("(Tensor image_features, Tensor text_features, Tensor logit_scale, bool with_entropy, "
+                         "ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_COSINE_LOGITS_BACKWARD_SCHEMA = ("(Tensor d_logits, Tensor image_features, Tensor text_features, Tensor logit_scale, "
+                                  "Tensor image_norm, Tensor text_norm, bool need_image, bool need_text, "
+                                  "bool need_scale) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("promptcore::cosine_logits", mutates_args=(), schema=_COSINE_LOGITS_SCHEMA)
 def _cosine_logits_op(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                      with_entropy: bool, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      with_entropy: bool, out_dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
     """Grouped inputs (G, B, E), (G, N, E), 0-d fp32 ``logit_scale`` -> logits (G, B, N), entropy and argmax
-    (G, B); without ``with_entropy`` the last two are empty."""
-    out, _, _, entropy, argmax = _cosine_logits_fwd(image_features, text_features, logit_scale, with_entropy,
-                                                    out_dtype)
+    (G, B) (empty without ``with_entropy``), and the fp32 row norms of both inputs, (G', B) and (G', N) with
+    G' = 1 for a group dim of stride 0: the backward's residuals, not differentiable."""
+    out, img_norm, txt_norm, entropy, argmax = _cosine_logits_fwd(image_features, text_features, logit_scale,
+                                                                  with_entropy, out_dtype)
     if not with_entropy:
         entropy = out.new_empty(0, dtype=torch.float32)
         argmax = out.new_empty(0, dtype=torch.int64)
-    return out, entropy, argmax
+    return out, entropy, argmax, img_norm, txt_norm
+
+
+def _norms_fake(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty((1 if _shared_group(t) else t.shape[0], t.shape[1]), dtype=torch.float32)
 
 
 @_cosine_logits_op.register_fake
@@ -542,24 +565,27 @@ def _(image_features, text_features, logit_scale, with_entropy, out_dtype):
     N = text_features.shape[1]
     out = image_features.new_empty((G, B, N), dtype=out_dtype)
     stats = (G, B) if with_entropy else (0,)
-    return out, image_features.new_empty(stats, dtype=torch.float32), image_features.new_empty(stats, dtype=torch.int64)
+    return (out, image_features.new_empty(stats, dtype=torch.float32),
+            image_features.new_empty(stats, dtype=torch.int64), _norms_fake(image_features), _norms_fake(text_features))
 
 
-@torch.library.custom_op("promptcore::cosine_logits_backward", mutates_args=())
+@torch.library.custom_op("promptcore::cosine_logits_backward", mutates_args=(), schema=_COSINE_LOGITS_BACKWARD_SCHEMA)
 def _cosine_logits_backward_op(
     d_logits: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-    need_image: bool, need_text: bool, need_scale: bool,
+    image_norm: torch.Tensor, text_norm: torch.Tensor, need_image: bool, need_text: bool, need_scale: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d image, d text, d logit_scale) of :func:`_cosine_logits_op`; the ones not needed come back empty."""
+    """(d image, d text, d logit_scale) of :func:`_cosine_logits_op`, given its row norms; the ones not needed
+    come back empty."""
     d_img, d_txt, d_scale = _cosine_logits_bwd(d_logits, image_features, text_features, logit_scale,
-                                               need_image, need_text, need_scale)
+                                               image_norm, text_norm, need_image, need_text, need_scale)
     empty = d_logits.new_empty(0, dtype=torch.float32)
     return (d_img if d_img is not None else empty, d_txt if d_txt is not None else empty.clone(),
             d_scale if d_scale is not None else empty.clone())
 
 
 @_cosine_logits_backward_op.register_fake
-def _(d_logits, image_features, text_features, logit_scale, need_image, need_text, need_scale):
+def _(d_logits, image_features, text_features, logit_scale, image_norm, text_norm, need_image, need_text,
+      need_scale):
     empty = d_logits.new_empty(0, dtype=torch.float32)
     return (image_features.new_empty(image_features.shape) if need_image else empty,
             text_features.new_empty(text_features.shape) if need_text else empty.clone(),
@@ -568,15 +594,15 @@ def _(d_logits, image_features, text_features, logit_scale, need_image, need_tex
 
 def _setup_context(ctx, inputs, output):
     image_features, text_features, logit_scale, _, _ = inputs
-    ctx.save_for_backward(image_features, text_features, logit_scale)
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(image_features, text_features, logit_scale, output[3], output[4])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, d_logits, _d_entropy, _d_argmax):
-    image_features, text_features, logit_scale = ctx.saved_tensors
+def _backward(ctx, d_logits, _d_entropy, _d_argmax, _d_img_norm, _d_txt_norm):
+    image_features, text_features, logit_scale, img_norm, txt_norm = ctx.saved_tensors
     need_img, need_txt, need_scale = ctx.needs_input_grad[:3]
     d_img, d_txt, d_scale = torch.ops.promptcore.cosine_logits_backward(
-        d_logits, image_features, text_features, logit_scale, need_img, need_txt, need_scale)
+        d_logits, image_features, text_features, logit_scale, img_norm, txt_norm, need_img, need_txt, need_scale)
     return (d_img if need_img else None, d_txt if need_txt else None, d_scale if need_scale else None, None, None)
 
 
@@ -600,8 +626,8 @@ def cosine_logits(image_features, text_features, logit_scale, with_entropy: bool
     flat = image_features.dim() == 2
     img = image_features.unsqueeze(0) if flat else image_features
     txt = text_features.unsqueeze(0) if flat else text_features
-    logits, entropy, argmax = torch.ops.promptcore.cosine_logits(img, txt, scale, bool(with_entropy),
-                                                                  out_dtype or image_features.dtype)
+    logits, entropy, argmax, _, _ = torch.ops.promptcore.cosine_logits(img, txt, scale, bool(with_entropy),
+                                                                        out_dtype or image_features.dtype)
     if flat:
         logits = logits[0]
         if with_entropy:

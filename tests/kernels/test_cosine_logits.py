@@ -268,17 +268,33 @@ def test_shape_errors_are_named(img_shape, txt_shape, msg, device):
 # -- torch.library registration ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shared_text", [False, True], ids=["per-group", "stride-0 text"])
 @pytest.mark.parametrize("with_entropy", [True, False])
-def test_opcheck_registered_ops(with_entropy, device):
+def test_opcheck_registered_ops(with_entropy, shared_text, device):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of promptcore::cosine_logits."""
     img, txt, scale = make_group_inputs(2, 3, 9, 8, torch.float32, device, seed=11)
-    img, txt, scale = img.requires_grad_(), txt.requires_grad_(), scale.requires_grad_()
+    if shared_text:  # one class matrix for every group: its norms come back (1, N)
+        txt = txt[:1].expand(2, -1, -1)
+    img, txt, scale = img.requires_grad_(), txt.detach().requires_grad_(), scale.requires_grad_()
     torch.library.opcheck(torch.ops.promptcore.cosine_logits.default, (img, txt, scale, with_entropy, torch.float32))
+    *_, img_norm, txt_norm = torch.ops.promptcore.cosine_logits(img.detach(), txt.detach(), scale.detach(),
+                                                                with_entropy, torch.float32)
+    assert img_norm.shape == (2, 3) and txt_norm.shape == ((1, 9) if shared_text else (2, 9))
     d = torch.randn(2, 3, 9, device=device)
-    torch.library.opcheck(torch.ops.promptcore.cosine_logits_backward.default,
-                          (d, img.detach(), txt.detach(), scale.detach(), True, True, True))
-    torch.library.opcheck(torch.ops.promptcore.cosine_logits_backward.default,
-                          (d, img.detach(), txt.detach(), scale.detach(), False, True, False))
+    for needs in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(torch.ops.promptcore.cosine_logits_backward.default,
+                              (d, img.detach(), txt.detach(), scale.detach(), img_norm, txt_norm, *needs))
+
+
+def test_backward_reuses_the_forward_norms(monkeypatch, device):
+    """The row norms are computed once, by the forward, and saved for the backward."""
+    calls = []
+    real = cl._row_norms
+    monkeypatch.setattr(cl, "_row_norms", lambda x, s: calls.append(tuple(x.shape)) or real(x, s))
+    img, txt, scale = make_group_inputs(2, 3, 9, 8, torch.float32, device, seed=13)
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    cosine_logits(img, txt, scale).sum().backward()
+    assert calls == [(2, 3, 8), (2, 9, 8)] and img.grad is not None and txt.grad is not None
 
 
 def test_public_function_calls_the_registered_op(monkeypatch, device):
@@ -291,8 +307,10 @@ def test_public_function_calls_the_registered_op(monkeypatch, device):
     fake_mode = torch._subclasses.fake_tensor.FakeTensorMode()
     with fake_mode:
         fi, ft, fs = (fake_mode.from_tensor(t) for t in (img, txt, scale))
-        logits, entropy, argmax = torch.ops.promptcore.cosine_logits(fi, ft, fs, True, torch.float16)
+        logits, entropy, argmax, img_norm, txt_norm = torch.ops.promptcore.cosine_logits(fi, ft, fs, True,
+                                                                                          torch.float16)
     assert logits.shape == (2, 3, 9) and logits.dtype == torch.float16
+    assert img_norm.shape == (2, 3) and txt_norm.shape == (2, 9) and img_norm.dtype == torch.float32
     assert entropy.shape == argmax.shape == (2, 3) and argmax.dtype == torch.int64
     assert calls == [(1, 3, 8)]  # the fake kernel launched nothing
 
