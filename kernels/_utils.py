@@ -113,6 +113,22 @@ def autotuned(kernel, name: str, configs: list, key: list, prune=None):
     return tuner
 
 
+def fit_tiles(dims):
+    """An ``early_config_prune`` that, for each ``(tile meta-parameter, size argument)`` of ``dims`` in turn,
+    drops configs whose tile is wider than the size needs (its next power of two, at least 16) when a
+    narrower one remains, else keeps the narrowest: no program spends most of its tile on masked lanes."""
+
+    def prune(configs, named_args, **kwargs):
+        for block, size in dims:
+            need = next_pow2(named_args[size], 16)
+            fits = [c for c in configs if c.kwargs[block] <= need]
+            narrowest = min(c.kwargs[block] for c in configs)
+            configs = fits or [c for c in configs if c.kwargs[block] == narrowest]
+        return configs
+
+    return prune
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for tiles of ``dtype``.
 

@@ -53,6 +53,7 @@ from ._utils import (
     cast_for_store,
     dot_in_input_dtype,
     dot_precision,
+    fit_tiles,
     needs_bf16_rounding,
     next_pow2,
     no_zero_strides,
@@ -391,18 +392,9 @@ def configs(kind: str, fp32: bool, aligned: bool, with_stats: bool = False) -> l
 
 
 def _fit_tiles(kind: str):
-    """``early_config_prune`` of ``kind``: per tile dim, drop configs wider than the problem needs
-    (next power of two >= 16) if a narrower one remains (16-row tiles only for groups of <= 16 images)."""
-
-    def prune(cfgs, named_args, **kwargs):
-        for block, size in _FIT[kind]:
-            need = next_pow2(named_args[size], 16)
-            fits = [c for c in cfgs if c.kwargs[block] <= need]
-            narrowest = min(c.kwargs[block] for c in cfgs)
-            cfgs = fits or [c for c in cfgs if c.kwargs[block] == narrowest]
-        return cfgs
-
-    return prune
+    """``early_config_prune`` of ``kind``: per tile dim of ``_FIT``, nothing wider than the problem needs
+    when a narrower tile remains (16-row tiles only for groups of <= 16 images)."""
+    return fit_tiles(_FIT[kind])
 
 
 def _tuned(kernel_fn, kind: str, fp32: bool, aligned: bool, with_stats: bool = False):

@@ -40,8 +40,8 @@ from ._utils import (
     HAS_TRITON,
     autotuned,
     cast_for_store,
+    fit_tiles,
     needs_bf16_rounding,
-    next_pow2,
     no_zero_strides,
     tl,
     triton,
@@ -218,12 +218,7 @@ CONFIGS = {
 _TUNE_KEYS = {"fwd": ["R", "S", "D"], "bwd": ["R", "S", "D", "K", "GROUPS_PER_PROGRAM"]}
 
 
-def _fit_columns(configs, named_args, **kwargs):
-    """``early_config_prune``: drop configs whose column tile is wider than D needs, if a narrower one exists."""
-    need = next_pow2(named_args["D"], 16)
-    fits = [c for c in configs if c.kwargs["BLOCK_D"] <= need]
-    narrowest = min(c.kwargs["BLOCK_D"] for c in configs)
-    return fits or [c for c in configs if c.kwargs["BLOCK_D"] == narrowest]
+_fit_columns = fit_tiles((("BLOCK_D", "D"),))  # ``early_config_prune``: column tiles no wider than D needs
 
 
 def _tuned(kernel_fn, kind: str, *tensors):
