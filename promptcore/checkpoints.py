@@ -17,8 +17,10 @@ from __future__ import annotations
 import collections
 import io
 import json
+import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -47,8 +49,11 @@ _DTYPE_NAMES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "
 # Objects of these libraries appear in training checkpoints (schedulers, optimizers, configs);
 # they are replaced by inert placeholders, never imported or called.
 _INERT_PREFIXES = ("dassl.", "torch.optim.", "yacs.", "numpy.", "trainers.")
+# Called through _Constructor, whose budget keeps a small pickle from building large objects.
 _PLAIN_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
                    "bytearray", "slice", "range"}
+# bytes(n) / bytearray(n) allocate n zero bytes: only their (text, encoding) and (bytes,) forms are pickled.
+_SIZE_TAKING = {"bytes", "bytearray"}
 
 
 class Inert:
@@ -92,40 +97,92 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if needed > storage.numel():
         return _CorruptTensor(f"needs {needed} elements of shape {size} but its storage holds {storage.numel()} "
                               "(the file is truncated or corrupt)")
-    return storage.as_strided(size, stride, offset).clone()
+    if math.prod(size) > storage.numel():
+        # An expanded (stride-0) or overlapping view: any use of it would materialise more than the file holds.
+        return _CorruptTensor(f"has shape {size} ({math.prod(size)} elements) over a storage of {storage.numel()} "
+                              f"(stride {stride}); promptcore refuses views larger than their storage")
+    # A view, not a copy, as torch.load returns: each rebuild of one storage must not allocate it again.
+    return storage.as_strided(size, stride, offset)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     return data
 
 
-def _find_corrupt(obj, where: str = ""):
-    """(key path, problem) of the first corrupt tensor in a loaded structure, or None."""
-    if isinstance(obj, _CorruptTensor):
-        return where or "<root>", obj.problem
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for key, value in items:
-        found = _find_corrupt(value, f"{where}.{key}" if where else str(key))
-        if found:
-            return found
+def _find_corrupt(obj):
+    """(key path, problem) of the first corrupt tensor in a loaded structure, or None (cycles and depth are fine)."""
+    stack, seen = [("", obj)], set()
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _CorruptTensor):
+            return where or "<root>", value.problem
+        if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        items = list(value.items() if isinstance(value, dict) else enumerate(value))
+        stack.extend((f"{where}.{key}" if where else str(key), item) for key, item in reversed(items))
     return None
 
 
+class _Constructor:
+    """A callable the pickle may call (builtins, OrderedDict, torch.Size...), on a budget.
+
+    Each call is charged the length of its sized arguments; the calls of one load together may build no
+    more items than the record has bytes, so a few bytes of pickle cannot copy a large list many times
+    or expand a ``range``. ``bytes(n)`` / ``bytearray(n)`` (a size, not data) are refused outright.
+    """
+
+    def __init__(self, func, qualname: str, unpickler: "_RestrictedUnpickler"):
+        self.func, self.qualname, self._unpickler = func, qualname, unpickler
+
+    def __call__(self, *args, **kwargs):
+        if self.func is collections.defaultdict and args and isinstance(args[0], _Constructor):
+            args = (args[0].func,) + args[1:]  # the factory itself (list, dict...), not this wrapper
+        self._unpickler._charge(self, list(args) + list(kwargs.values()))
+        return self.func(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<{self.qualname}>"
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
-        super().__init__(file)
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str):
+        super().__init__(io.BytesIO(data))
         self._archive = archive
         self._prefix = prefix
         self._path = path
         self._storages: Dict[str, torch.Tensor] = {}
+        self._budget = len(data)  # items the pickle's calls may still build
+
+    def _charge(self, call: _Constructor, args) -> None:
+        name = call.qualname.rsplit(".", 1)[-1]
+        if name in _SIZE_TAKING and args and not isinstance(args[0], (str, bytes, bytearray)):
+            raise UnsafeCheckpointError(
+                f"refusing to load {self._path}: it calls {call.qualname} with a {type(args[0]).__name__}, "
+                "which would allocate memory the file does not hold")
+        for arg in args:
+            if isinstance(arg, (_Constructor, type)):
+                continue
+            try:
+                items = len(arg)
+            except OverflowError:  # range(2**100)
+                items = self._budget + 1
+            except TypeError:
+                if hasattr(type(arg), "__iter__"):
+                    raise UnsafeCheckpointError(f"refusing to load {self._path}: it calls {call.qualname} with an "
+                                                f"unsized {type(arg).__name__}") from None
+                continue
+            self._budget -= items
+            if self._budget < 0:
+                raise UnsafeCheckpointError(
+                    f"refusing to load {self._path}: its {call.qualname}(...) calls build more items than the "
+                    "record has bytes (a small file asking for a large allocation)")
 
     def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "collections" and name == "defaultdict":
-            return collections.defaultdict
+        if module == "collections" and name in ("OrderedDict", "defaultdict"):
+            return _Constructor(getattr(collections, name), f"collections.{name}", self)
         if module in ("builtins", "__builtin__") and name in _PLAIN_BUILTINS:
-            return getattr(__import__("builtins"), name)
+            return _Constructor(getattr(__import__("builtins"), name), f"builtins.{name}", self)
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
         if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -135,9 +192,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and name in _DTYPE_NAMES:
             return getattr(torch, name)
         if module == "torch" and name in ("Size", "device"):
-            return getattr(torch, name)
+            return _Constructor(getattr(torch, name), f"torch.{name}", self)
         if module == "_codecs" and name == "encode":
-            return lambda text, encoding="latin1": text.encode(encoding)
+            return _Constructor(lambda text, encoding="latin1": text.encode(encoding), "_codecs.encode", self)
         if any(f"{module}.".startswith(p) for p in _INERT_PREFIXES):
             return _inert_class(module, name)
         raise UnsafeCheckpointError(
@@ -153,7 +210,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(f"refusing to load {self._path}: storage of unknown type {storage_type!r}")
         if key not in self._storages:
             try:
-                raw = self._archive.read(f"{self._prefix}data/{key}")
+                raw = self._archive.read(f"{self._prefix}data/{key}")  # size checked by _check_entries
             except KeyError as exc:
                 raise CheckpointError(f"{self._path} is truncated: storage {key} is missing") from exc
             itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
@@ -166,30 +223,56 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def _check_entries(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuse entries that would inflate past the file: torch.save stores every record uncompressed."""
+    size = os.path.getsize(path)
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: record {info.filename} is compressed; torch.save stores records "
+                                  "uncompressed, and promptcore does not inflate them (re-save the file with torch)")
+        if info.file_size > size:
+            raise CheckpointError(f"{path} is corrupt: record {info.filename} claims {info.file_size} bytes, "
+                                  f"more than the whole file ({size} bytes)")
+
+
+def _check_pickle(data: bytes, path: str) -> None:
+    """Parse the pickle's opcodes before running it: every declared length must be present, and memo indices
+    stay below the record's size (the C unpickler sizes its memo by the largest index it is given)."""
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > len(data):
+            raise CheckpointError(f"{path} is corrupt: its pickle stores memo slot {arg} in a record of "
+                                  f"{len(data)} bytes")
+
+
 def read_torch_checkpoint(path) -> Any:
-    """Load a ``torch.save`` zip archive without executing arbitrary pickled code (CPU tensors)."""
+    """Load a ``torch.save`` zip archive without executing arbitrary pickled code (CPU tensors).
+
+    Memory stays within a small multiple of the file's size whatever the file holds.
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a torch zip archive (files from torch < 1.6 must be re-saved)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{path} holds {len(pickles)} data.pkl records, expected one")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = f"{prefix}byteorder"
-        if byteorder in archive.namelist() and archive.read(byteorder).decode() != "little":
-            raise CheckpointError(f"{path} was written on a big-endian machine; re-save it on little-endian")
-        try:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_entries(archive, path)
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path} holds {len(pickles)} data.pkl records, expected one")
+            prefix = pickles[0][: -len("data.pkl")]
+            byteorder = f"{prefix}byteorder"
+            if byteorder in archive.namelist() and archive.read(byteorder).decode() != "little":
+                raise CheckpointError(f"{path} was written on a big-endian machine; re-save it on little-endian")
             data = archive.read(pickles[0])
-            loaded = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, path).load()
-        except CheckpointError:
-            raise
-        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError,
-                IndexError, KeyError, AttributeError, OSError) as exc:
-            raise CheckpointError(f"{path} is corrupt: reading its records failed ({type(exc).__name__}: {exc})") \
-                from exc
+            _check_pickle(data, path)
+            loaded = _RestrictedUnpickler(data, archive, prefix, path).load()
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            RuntimeError, IndexError, KeyError, AttributeError, OSError, OverflowError) as exc:
+        raise CheckpointError(f"{path} is corrupt: reading its records failed ({type(exc).__name__}: {exc})") \
+            from exc
     corrupt = _find_corrupt(loaded)
     if corrupt:
         raise CheckpointError(f"{path}: tensor {corrupt[0]} {corrupt[1]}")
