@@ -280,16 +280,25 @@ def read_torch_checkpoint(path) -> Any:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint file, or the newest ``model.pth.tar-N`` / ``model-best.pth.tar`` under a folder."""
+    """A checkpoint file, or the newest ``model.pth.tar-N`` (else ``model-best.pth.tar``) of the one run under a folder.
+
+    A run is the folder its checkpoints lie in; a folder holding several (``seed1/``, ``seed2/``, another
+    method's output) is refused, listing them, rather than one picked by epoch or file-system order.
+    """
     p = Path(path)
     if p.is_file():
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"no checkpoint file or folder at {p}")
-    candidates = [q for q in p.rglob("model.pth.tar-*") if re.fullmatch(r"model\.pth\.tar-\d+", q.name)]
-    if candidates:
-        return max(candidates, key=lambda q: int(q.name.rsplit("-", 1)[1]))
-    best = sorted(p.rglob("model-best.pth.tar"))
+    epochs = [q for q in p.rglob("model.pth.tar-*") if re.fullmatch(r"model\.pth\.tar-\d+", q.name) and q.is_file()]
+    best = [q for q in p.rglob("model-best.pth.tar") if q.is_file()]
+    runs = sorted({q.parent for q in epochs + best})
+    if len(runs) > 1:
+        listed = "; ".join(str(run) for run in runs[:8]) + (f"; and {len(runs) - 8} more" if len(runs) > 8 else "")
+        raise CheckpointError(f"{p} holds checkpoints of {len(runs)} runs: {listed}; give the folder (or file) "
+                              "of the one to load")
+    if epochs:
+        return max(epochs, key=lambda q: int(q.name.rsplit("-", 1)[1]))
     if best:
         return best[0]
     raise FileNotFoundError(f"no model.pth.tar-N or model-best.pth.tar under {p}")

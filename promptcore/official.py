@@ -152,6 +152,10 @@ def _prompt_learner_state(ckpt: Any, file: Path) -> Tuple[Dict[str, Any], Dict[s
         raise CheckpointError(f"{file} holds no state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: state_dict is a {type(state).__name__}, not a mapping")
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"{file}: state_dict has a key that is not a string ({type(odd[0]).__name__} "
+                              f"{str(odd[0])[:40]}); a state dict maps parameter names to tensors")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # DataParallel
     learner = {k[len("prompt_learner."):]: v for k, v in state.items() if k.startswith("prompt_learner.")}
     if not learner:

@@ -176,3 +176,39 @@ def test_every_message_comes_from_the_learner_description(tmp_path):
         LearnerSpec.of(maple).check(deeper, source)
     assert isinstance(read_official(write_dassl_checkpoint(tmp_path, {"ctx": torch.randn(4, 64)})),
                       OfficialCheckpoint)
+
+
+@pytest.mark.parametrize("key", [0, ("ctx",), None], ids=["int", "tuple", "none"])
+def test_state_dict_with_a_non_string_key_is_refused(key, tmp_path):
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0)
+    before = coop.prompt_learner.ctx.detach().clone()
+    for nested in (True, False):  # a Dassl file, and a bare state dict
+        state = {"ctx": torch.randn(4, 64), key: torch.zeros(1)}
+        path = tmp_path / f"model.pth.tar-{int(nested)}"
+        torch.save({"state_dict": state, "epoch": 1} if nested else state, path)
+        with pytest.raises(CheckpointError, match="has a key that is not a string") as err:
+            coop.load_official(path)
+        assert str(path) in str(err.value)
+    assert torch.equal(coop.prompt_learner.ctx.detach(), before)
+
+
+def test_folder_with_several_runs_is_refused_listing_them(tmp_path):
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0)
+    state = _coop_state(coop, torch.randn(4, 64))
+    write_dassl_checkpoint(tmp_path / "seed1", state, epoch=50)
+    write_dassl_checkpoint(tmp_path / "seed2", state, epoch=10)
+    with pytest.raises(CheckpointError, match="holds checkpoints of 2 runs") as err:
+        read_official(tmp_path)
+    assert str(tmp_path / "seed1" / "prompt_learner") in str(err.value)
+    assert str(tmp_path / "seed2" / "prompt_learner") in str(err.value)
+    # another method's output beside one run, and a model-best file in a run of its own, count as runs too
+    other = tmp_path / "other"
+    write_dassl_checkpoint(other, state, epoch=5)
+    maple = other / "MultiModalPromptLearner"
+    maple.mkdir()
+    (maple / "model-best.pth.tar").write_bytes((other / "prompt_learner" / "model.pth.tar-5").read_bytes())
+    with pytest.raises(CheckpointError, match="holds checkpoints of 2 runs"):
+        coop.load_official(other)
+    # one run: its newest epoch, as before
+    assert read_official(tmp_path / "seed1").epoch == 50
+    assert read_official(tmp_path / "seed2" / "prompt_learner").file.name == "model.pth.tar-10"
