@@ -22,6 +22,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -327,14 +328,45 @@ FORMAT = "promptcore-prompts"
 FORMAT_VERSION = "1"
 
 
+def check_output_file(path, error=ValueError) -> Path:
+    """``path`` as a file to (re)write: new, or an existing regular file, in an existing folder.
+
+    A folder, device, FIFO or socket at ``path`` raises ``error`` (writing beside it and renaming would
+    replace the node with a regular file).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise error(f"the output path {path} is {kind}; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        pass
+    try:  # Linux: reading the umask without setting it (os.umask would change it for every thread meanwhile)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_prompt_file(path, tensors: Dict[str, torch.Tensor], method: str, options: Dict[str, Any],
                      classnames, model_name: Optional[str] = None) -> Path:
-    """Write ``tensors`` and metadata as safetensors, atomically (no partial file on failure)."""
+    """Write ``tensors`` and metadata as safetensors, atomically (no partial file on failure).
+
+    The file gets the mode a plain write would give it (0666 less the umask; an existing file keeps its own).
+    """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if not path.parent.exists():
-        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    path = check_output_file(path)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -344,10 +376,12 @@ def save_prompt_file(path, tensors: Dict[str, torch.Tensor], method: str, option
         "model_name": model_name or "",
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,6 +1,7 @@
 """Official Dassl checkpoints (read without running pickled code) and promptcore's own files."""
 
 import os
+import stat
 import sys
 import types
 from collections import OrderedDict
@@ -189,3 +190,45 @@ def test_prompt_file_with_extra_tensors_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not have: extra"):
         coop.load(path)
     assert torch.equal(coop.prompt_learner.ctx.detach(), before)
+
+
+def _char_device(path):
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # the node of /dev/null
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_save_refuses_a_target_that_is_not_a_regular_file(kind, tmp_path):
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0)
+    target = tmp_path / "prompts.safetensors"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        try:
+            _char_device(target)
+        except PermissionError:
+            pytest.skip("creating a device node needs root (the FIFO case covers the same check)")
+    before = stat.S_IFMT(os.lstat(target).st_mode)
+    with pytest.raises(ValueError, match="is (not a regular file|a folder)") as err:
+        coop.save(target)
+    assert str(target) in str(err.value)
+    assert stat.S_IFMT(os.lstat(target).st_mode) == before  # still the node it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=oct)
+def test_saved_file_mode_honours_the_umask(umask, tmp_path):
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0)
+    old = os.umask(umask)
+    try:
+        path = coop.save(tmp_path / "new.safetensors")
+        existing = tmp_path / "existing.safetensors"
+        existing.write_bytes(b"")
+        os.chmod(existing, 0o640)
+        coop.save(existing)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o640  # a rewrite keeps the file's mode, as open() does
+    assert read_prompt_file(existing)[1]["method"] == "coop"
