@@ -154,6 +154,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._path = path
         self._storages: Dict[str, torch.Tensor] = {}
         self._budget = len(data)  # items the pickle's calls may still build
+        self._inert: Dict[Tuple[str, str], type] = {}  # one placeholder class per name, however often it is named
 
     def _charge(self, call: _Constructor, args) -> None:
         name = call.qualname.rsplit(".", 1)[-1]
@@ -197,7 +198,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "_codecs" and name == "encode":
             return _Constructor(lambda text, encoding="latin1": text.encode(encoding), "_codecs.encode", self)
         if any(f"{module}.".startswith(p) for p in _INERT_PREFIXES):
-            return _inert_class(module, name)
+            if (module, name) not in self._inert:
+                self._inert[module, name] = _inert_class(module, name)
+            return self._inert[module, name]
         raise UnsafeCheckpointError(
             f"refusing to load {self._path}: it references {module}.{name}, which is neither a tensor nor a "
             "known training object; promptcore does not execute code from checkpoints"
