@@ -112,6 +112,10 @@ def _add_folder_options(cmd, batch: int) -> None:
                                                   "<stem>.summary.json); rerun with the same --out to resume")
     cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order")
     cmd.add_argument("--dataset", default=None, help="built-in class names of a data set (e.g. imagenet)")
+    cmd.add_argument("--classnames-in-folder-order", action="store_true",
+                     help="the class names (--classnames, --dataset or the checkpoint's) are in the sorted order "
+                          "of the class folders; without it, folders must match class names by name ('_' as a "
+                          "space, case ignored), and labels follow the names")
     _add_model_options(cmd, default="ViT-B-16")
     cmd.add_argument("--batch", type=int, default=batch, help=f"images per batch (default {batch})")
     cmd.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes (default 4 on CUDA, "
@@ -144,7 +148,7 @@ def _folder_setup(args):
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     folder = scan_image_folder(args.folder)
     given = args.classnames or (builtin_classnames(args.dataset) if args.dataset else None)
-    names = folder_classnames(folder, given) if given is not None else None
+    names = folder_classnames(folder, given, args.classnames_in_folder_order) if given is not None else None
     check_out_folder(args.out)
     if args.model_config:
         from promptcore.export.pipeline import register_model_config
@@ -156,7 +160,8 @@ def _folder_setup(args):
 def _run_options(args, dist) -> dict:
     workers = args.workers if args.workers is not None else (4 if dist.device.type == "cuda" else 1)
     return dict(batch_size=args.batch, workers=workers, seed=args.seed, limit=args.limit, strict=args.strict,
-                progress=not args.quiet and dist.rank == 0, device=dist.device)
+                progress=not args.quiet and dist.rank == 0, device=dist.device,
+                classnames_in_folder_order=args.classnames_in_folder_order)
 
 
 def _eval(args) -> int:
