@@ -529,3 +529,45 @@ def test_decode_errors_name_the_file_without_torchvision_build_paths(tmp_path):
     assert error_text(RuntimeError("decode_png, /__w/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
                                    "decode_png.cpp:77, Internal error.")) == "Internal error."
     assert error_text(KeyError()) == "KeyError"
+
+
+def test_random_weights_are_the_same_whatever_the_global_rng(setup):
+    """Without --pretrained every torchrun rank builds its own model: the weights must not depend on the
+    process's RNG state (they used to, so ranks disagreed)."""
+    from promptcore.models import RANDOM_WEIGHTS_SEED, load_model
+
+    torch.manual_seed(1)
+    a, _ = load_model(MODEL)
+    torch.manual_seed(2)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    b, _ = load_model(MODEL)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    torch.manual_seed(RANDOM_WEIGHTS_SEED + 1)
+    c, _ = load_model(MODEL, seed=RANDOM_WEIGHTS_SEED + 1)
+    assert not torch.equal(c.state_dict()["text_projection"], sa["text_projection"])
+
+
+def test_unreadable_pretrained_files_are_named(setup, tmp_path, capsys):
+    garbage_pt, text_pt, garbage_st = tmp_path / "garbage.pt", tmp_path / "text.pt", tmp_path / "garbage.safetensors"
+    garbage_pt.write_bytes(b"garbage\n")
+    text_pt.write_bytes(b"this is not a checkpoint")
+    garbage_st.write_bytes(b"\x00" * 64)
+    wrong, cut = tmp_path / "wrong.pt", tmp_path / "cut.pt"
+    torch.save({"x": torch.zeros(2)}, wrong)
+    cut.write_bytes(setup["weights"].read_bytes()[:4096])
+    out = tmp_path / "preds.jsonl"
+    cases = [(garbage_pt, "not a PyTorch checkpoint that loads with weights_only=True"),
+             (text_pt, "cannot load pretrained weights file"), (cut, "cannot load pretrained weights file"),
+             (garbage_st, "not a safetensors file"), (wrong, "Missing key(s)"),
+             (tmp_path / "missing.pt", "no pretrained weights file at")]
+    for path, message in cases:
+        args = _tpt_args(setup, out)
+        args[args.index("--pretrained") + 1] = str(path)
+        assert main(args) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("promptcore tpt: error: ") and str(path) in err and message in err, err
+        assert "\n" not in err and len(err) < 500
+    assert not out.exists() and not parts_dir(out).exists()
