@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import List, Optional
 
 from .methods import METHODS
@@ -353,20 +355,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "PROMPTCORE_TRACEBACK"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``promptcore`` command."""
+    """Entry point of the ``promptcore`` command: every error is one line on stderr and exit status 2 (the
+    full traceback too when ``PROMPTCORE_TRACEBACK=1``); Ctrl-C exits with 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if _traceback_wanted():
+            traceback.print_exc()
+        print(f"promptcore {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ImportError as exc:  # an optional dependency (onnx, onnxruntime, ...) is not installed
+        if _traceback_wanted():
+            traceback.print_exc()
         print(f"promptcore {args.command}: error: {exc.name or exc} is not installed "
               "(pip install 'promptcore[export]' for export and verify)", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
+    except Exception as exc:  # the backstop: a message, never a traceback, unless asked for
+        from .runner import error_text
+
+        if _traceback_wanted():
+            traceback.print_exc()
+        reason = error_text(exc)
+        if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError)):
+            reason = f"{type(exc).__name__}: {reason}"  # e.g. a KeyError's message alone is just the key
         print(f"promptcore {args.command}: error: {reason}", file=sys.stderr)
         return 2
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 if __name__ == "__main__":
