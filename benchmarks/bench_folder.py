@@ -68,6 +68,7 @@ def official_loop(tpt: TPT, root: Path, views: int, size: int, device: torch.dev
 
 def runner(args, root: Path, weights: Path, names: Path, out: Path, procs: int) -> dict:
     cmd = ["tpt", str(root), "--model", args.model, "--pretrained", str(weights), "--classnames", str(names),
+           "--classnames-in-folder-order",  # folders class_000, ... hold the first --classes names in order
            "--views", str(args.views), "--selection", str(args.selection), "--batch", str(args.batch),
            "--precision", args.precision, "--device", args.device, "--workers", str(args.workers), "--quiet",
            "--out", str(out)]

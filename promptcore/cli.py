@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import List, Optional
 
 from .methods import METHODS
@@ -112,6 +114,10 @@ def _add_folder_options(cmd, batch: int) -> None:
                                                   "<stem>.summary.json); rerun with the same --out to resume")
     cmd.add_argument("--classnames", default=None, help="file with one class name per line in label order")
     cmd.add_argument("--dataset", default=None, help="built-in class names of a data set (e.g. imagenet)")
+    cmd.add_argument("--classnames-in-folder-order", action="store_true",
+                     help="the class names (--classnames, --dataset or the checkpoint's) are in the sorted order "
+                          "of the class folders; without it, folders must match class names by name ('_' as a "
+                          "space, case ignored), and labels follow the names")
     _add_model_options(cmd, default="ViT-B-16")
     cmd.add_argument("--batch", type=int, default=batch, help=f"images per batch (default {batch})")
     cmd.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes (default 4 on CUDA, "
@@ -144,7 +150,7 @@ def _folder_setup(args):
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     folder = scan_image_folder(args.folder)
     given = args.classnames or (builtin_classnames(args.dataset) if args.dataset else None)
-    names = folder_classnames(folder, given) if given is not None else None
+    names = folder_classnames(folder, given, args.classnames_in_folder_order) if given is not None else None
     check_out_folder(args.out)
     if args.model_config:
         from promptcore.export.pipeline import register_model_config
@@ -156,7 +162,8 @@ def _folder_setup(args):
 def _run_options(args, dist) -> dict:
     workers = args.workers if args.workers is not None else (4 if dist.device.type == "cuda" else 1)
     return dict(batch_size=args.batch, workers=workers, seed=args.seed, limit=args.limit, strict=args.strict,
-                progress=not args.quiet and dist.rank == 0, device=dist.device)
+                progress=not args.quiet and dist.rank == 0, device=dist.device,
+                classnames_in_folder_order=args.classnames_in_folder_order)
 
 
 def _eval(args) -> int:
@@ -348,20 +355,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRACEBACK_ENV = "PROMPTCORE_TRACEBACK"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``promptcore`` command."""
+    """Entry point of the ``promptcore`` command: every error is one line on stderr and exit status 2 (the
+    full traceback too when ``PROMPTCORE_TRACEBACK=1``); Ctrl-C exits with 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if _traceback_wanted():
+            traceback.print_exc()
+        print(f"promptcore {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ImportError as exc:  # an optional dependency (onnx, onnxruntime, ...) is not installed
+        if _traceback_wanted():
+            traceback.print_exc()
         print(f"promptcore {args.command}: error: {exc.name or exc} is not installed "
               "(pip install 'promptcore[export]' for export and verify)", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
+    except Exception as exc:  # the backstop: a message, never a traceback, unless asked for
+        from .runner import error_text
+
+        if _traceback_wanted():
+            traceback.print_exc()
+        reason = error_text(exc)
+        if not isinstance(exc, (ValueError, TypeError, OSError, RuntimeError)):
+            reason = f"{type(exc).__name__}: {reason}"  # e.g. a KeyError's message alone is just the key
         print(f"promptcore {args.command}: error: {reason}", file=sys.stderr)
         return 2
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 if __name__ == "__main__":

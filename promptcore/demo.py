@@ -28,7 +28,7 @@ def run_demo(model_name="ViT-B-16", pretrained=None, dataset="imagenet", num_cla
     """Run the demo and return its figures (also printed through ``log``)."""
     torch.manual_seed(seed)
     names = builtin_classnames(dataset)[:num_classes]  # validate cheap arguments before building the model
-    model, tokenizer = load_model(model_name, pretrained, device, precision)
+    model, tokenizer = load_model(model_name, pretrained, device, precision, seed=seed)
     coop = CoOp(model, names, tokenizer=tokenizer, n_ctx=n_ctx, seed=seed).to(device)
     prompts = coop.prompt_learner.prompts
     live_fast, live_naive = prompts.live_tokens

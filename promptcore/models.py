@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from importlib import resources
 from typing import List, Optional, Tuple
 
@@ -29,12 +31,22 @@ def read_classnames(path) -> List[str]:
     return names
 
 
-def load_model(name: str, pretrained: Optional[str] = None, device="cpu", precision: str = "fp32") -> Tuple:
+RANDOM_WEIGHTS_SEED = 0
+"""Seed of the random weights ``load_model`` builds without ``pretrained``: every process (each torchrun
+rank) and every run gets the same model."""
+
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
+def load_model(name: str, pretrained: Optional[str] = None, device="cpu", precision: str = "fp32",
+               seed: int = RANDOM_WEIGHTS_SEED) -> Tuple:
     """An open_clip model (eval mode) and its tokenizer.
 
     ``pretrained`` is an open_clip pretrained tag (needs the network or a warm cache) or a local
-    checkpoint file; None gives random weights. ``precision`` "fp16"/"bf16" converts the weights
-    the way open_clip and the official trainers do (LayerNorms and embeddings stay fp32).
+    checkpoint file; a file torch or safetensors cannot read, or whose weights do not fit the model,
+    is a ValueError naming it. None gives random weights drawn from ``seed`` (the caller's global RNG
+    is left as it was), so they are the same in every process. ``precision`` "fp16"/"bf16" converts the
+    weights the way open_clip and the official trainers do (LayerNorms and embeddings stay fp32).
     """
     import open_clip
     from open_clip.model import convert_weights_to_lp
@@ -43,11 +55,46 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu", precis
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"unknown open_clip model {name!r}")
-    model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    pretrained = None if pretrained is None else str(pretrained)
+    if pretrained is None:
+        # the init runs on the CPU (open_clip moves the model afterwards), so the CPU generator is all it draws from
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None, device=device)
+    elif os.path.isfile(pretrained):
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        except Exception as exc:
+            raise ValueError(f"cannot load pretrained weights file {pretrained} into {name}: "
+                             f"{_load_error(exc)}") from exc
+    elif not os.path.exists(pretrained) and (os.sep in pretrained or pretrained.endswith(WEIGHT_FILE_SUFFIXES)):
+        raise ValueError(f"no pretrained weights file at {pretrained} (a local file or an open_clip "
+                         "pretrained tag)")
+    else:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
     if precision != "fp32":
         convert_weights_to_lp(model, PRECISIONS[precision])
     tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), tokenizer
+
+
+def _load_error(exc: BaseException, limit: int = 300) -> str:
+    """What went wrong reading or applying a weights file, in one short line."""
+    import pickle
+
+    from .runner import error_text
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|$)", text, re.S)
+        detail = f" ({' '.join(found.group(1).split())})" if found else ""
+        return "not a PyTorch checkpoint that loads with weights_only=True" + detail
+    text = error_text(exc)
+    if type(exc).__name__ == "SafetensorError":
+        text = f"not a safetensors file ({text})"
+    elif not isinstance(exc, (RuntimeError, ValueError, OSError)):  # e.g. IndexError from unpickling garbage
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def image_size(model) -> Optional[Tuple[int, int]]:

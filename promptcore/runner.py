@@ -1,10 +1,11 @@
 """Whole-data-set runs over an ImageFolder tree, for every method: evaluation (CoOp, CoCoOp, MaPLe,
 zero-shot), TPT and ZERO.
 
-* **Data**: ``root/<class folder>/<image>``; class folders sorted by name give the labels (as
-  torchvision's ImageFolder), files sorted by name within a folder; an image's *index* is its
-  position in that sorted list. A ``DataLoader`` with worker processes decodes the files with
-  torchvision.io (PIL for the formats it lacks); on CUDA, JPEGs are decoded on the device
+* **Data**: ``root/<class folder>/<image>``; class folders sorted by name, files sorted by name within a
+  folder; an image's *index* is its position in that sorted list. A folder's label is the index of its
+  class name, matched by name, or the folder's sorted position when the names are declared to be in
+  that order (:func:`class_labels`; never silently by position). A ``DataLoader`` with worker processes
+  decodes the files with torchvision.io (PIL for the formats it lacks); on CUDA, JPEGs are decoded on the device
   (``decode_jpeg(device="cuda")``) from pinned host bytes. Views are made on the device
   (:mod:`promptcore.views`).
 * **Exact and order-independent**: image i's TPT/ZERO views come from a generator seeded by
@@ -32,6 +33,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -68,6 +70,12 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def relabeled(self, class_of_folder: Sequence[int]) -> "ImageFolder":
+        """The same listing with folder k's images labelled ``class_of_folder[k]``."""
+        folder_of = {name: k for k, name in enumerate(self.classes)}
+        labels = [class_of_folder[folder_of[path.split("/", 1)[0]]] for path in self.paths]
+        return ImageFolder(self.root, self.classes, self.paths, labels)
+
     def fingerprint(self) -> str:
         """SHA-256 of the (path, label) list: an image's index, hence its seed, is valid only for this listing."""
         digest = hashlib.sha256()
@@ -95,9 +103,10 @@ def scan_image_folder(root) -> ImageFolder:
     return ImageFolder(root, [p.name for p in folders], paths, labels)
 
 
-def folder_classnames(folder: ImageFolder, classnames: Optional[Union[str, Path, Sequence[str]]] = None) -> List[str]:
+def folder_classnames(folder: ImageFolder, classnames: Optional[Union[str, Path, Sequence[str]]] = None,
+                      in_folder_order: bool = False) -> List[str]:
     """Class names in label order: a file (one per line), a list, or the folder names; checked against the
-    number of class folders."""
+    number of class folders and matched to them (see :func:`class_labels`)."""
     from .models import read_classnames
 
     if classnames is None:
@@ -108,7 +117,71 @@ def folder_classnames(folder: ImageFolder, classnames: Optional[Union[str, Path,
         names = list(classnames)
     if len(names) != len(folder.classes):
         raise ValueError(f"{len(names)} class names for {len(folder.classes)} class folders in {folder.root}")
+    class_labels(folder.classes, names, in_folder_order)
     return names
+
+
+def _name_key(name: str) -> str:
+    # folder names often spell spaces as "_" and differ in case from the class-name lists
+    return " ".join(str(name).replace("_", " ").split()).casefold()
+
+
+def class_labels(folders: Sequence[str], names: Sequence[str], in_folder_order: bool = False) -> List[int]:
+    """The label (index into ``names``) of each sorted class folder.
+
+    Where every folder name is one of the class names (``_`` read as a space, case ignored), folders map by
+    name, whatever the order of ``names``. Otherwise ``names`` must be declared to be in the sorted folder
+    order (``in_folder_order``): folder i gets ``names[i]``. Anything else is a ValueError listing the
+    mismatch, as is a name in folder order that names another folder.
+    """
+    if len(names) != len(folders):
+        raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
+    folder_keys = [_name_key(f) for f in folders]
+    name_keys = [_name_key(n) for n in names]
+    unique = len(set(name_keys)) == len(name_keys) and len(set(folder_keys)) == len(folder_keys)
+    if unique and set(folder_keys) == set(name_keys):
+        where = {key: i for i, key in enumerate(name_keys)}
+        return [where[key] for key in folder_keys]
+    if in_folder_order:
+        folder_of = {key: i for i, key in enumerate(folder_keys) if folder_keys.count(key) == 1}
+        clashes = [f"name {i + 1} {names[i]!r} is folder {folders[folder_of[key]]!r} (label {folder_of[key]})"
+                   for i, key in enumerate(name_keys) if folder_of.get(key, i) != i]
+        if clashes:
+            raise ValueError("the class names are not in the sorted folder order: " + "; ".join(clashes[:5])
+                             + (f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""))
+        return list(range(len(folders)))
+    unnamed = [f for f, key in zip(folders, folder_keys) if key not in set(name_keys)]
+    unused = [n for n, key in zip(names, name_keys) if key not in set(folder_keys)]
+    detail = []
+    if unnamed:
+        detail.append(f"folders without a class name: {_some(unnamed)}")
+    if unused:
+        detail.append(f"class names without a folder: {_some(unused)}")
+    if not detail:
+        detail.append("names repeat once '_' is read as a space and case is ignored")
+    raise ValueError("the class names do not match the class folder names (" + "; ".join(detail) + "); if the "
+                     "names are in the sorted folder order, say so with --classnames-in-folder-order "
+                     "(run_folder(..., classnames_in_folder_order=True))")
+
+
+def _some(items: Sequence[str], k: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in items[:k])
+    return shown + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
+def error_text(exc: BaseException) -> str:
+    """One line of an exception's message without the C++ source locations and stack frames that torch and
+    torchvision append ("decode_jpeg, /pytorch/vision/torchvision/csrc/...cpp:171, ...")."""
+    text = str(exc)
+    cut = text.find("Exception raised from ")
+    if cut >= 0:
+        text = text[:cut]
+    text = _SOURCE_LOCATION.sub("", text)
+    text = " ".join(text.split()).strip(" ,:")
+    return text or type(exc).__name__
+
+
+_SOURCE_LOCATION = re.compile(r"(?:\b\w+, )?[^\s,]*[/\\][^\s,]*\.(?:cpp|cc|cxx|c|h|hpp|cu|cuh):\d+(?:,\s*)?")
 
 
 def decode_image_file(path) -> torch.Tensor:
@@ -128,7 +201,7 @@ def decode_image_file(path) -> torch.Tensor:
                 arr = np.array(img.convert("RGB"))
             return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         except Exception:
-            raise ValueError(f"cannot decode image {path}: {' '.join(str(first).split())}") from first
+            raise ValueError(f"cannot decode image {path}: {error_text(first)}") from first
 
 
 @contextlib.contextmanager
@@ -191,7 +264,7 @@ class FolderImages(torch.utils.data.Dataset):
                     return Sample(index, data, encoded=True)
             return Sample(index, decode_image_file(path))
         except Exception as exc:
-            return Sample(index, None, error=" ".join(str(exc).split()) or type(exc).__name__)
+            return Sample(index, None, error=error_text(exc))
 
 
 def _collate(samples: List[Sample]) -> List[Sample]:
@@ -284,12 +357,24 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_rows(path) -> List[Dict[str, Any]]:
-    """Rows of a JSON-lines file; a last line without its newline (a write cut short by a kill) is ignored."""
+ROW_FIELDS = {"index": int, "path": str, "label": int, "pred": int, "top5": list}
+
+
+def read_rows(path, folder: Optional[ImageFolder] = None) -> List[Dict[str, Any]]:
+    """Rows of a JSON-lines file; a last line without its newline (a write cut short by a kill) is ignored.
+
+    Every row must be a JSON object with the fields a run writes (``index``, ``path``, ``label``, ``pred``,
+    ``top5``); with ``folder``, its index, path and label must be that listing's. A RunError names the file
+    and line of the first row that is not.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunError(f"{path} is not a UTF-8 JSON-lines file ({exc.reason} at byte {exc.start}); remove it "
+                       "to start over") from exc
     lines = text.split("\n")
     complete = lines[:-1]  # the text after the last newline is incomplete (or empty)
     rows = []
@@ -297,10 +382,36 @@ def read_rows(path) -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise RunError(f"{path}:{number} is not a JSON row ({exc}); remove the file to start over") from exc
+        problem = _row_problem(row, folder)
+        if problem:
+            raise RunError(f"{path}:{number}: {problem}; fix or remove that line (or remove the file to start "
+                           "over)")
+        rows.append(row)
     return rows
+
+
+def _row_problem(row: Any, folder: Optional[ImageFolder]) -> Optional[str]:
+    """Why ``row`` is not a row a run wrote (None when it is one)."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, got {type(row).__name__}"
+    for key, kind in ROW_FIELDS.items():
+        value = row.get(key)
+        if key not in row:
+            return f"the row has no {key!r}"
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} must be a JSON {'integer' if kind is int else kind.__name__}, got {value!r}"
+    index = row["index"]
+    if folder is None:
+        return None
+    if not 0 <= index < len(folder):
+        return f"index {index} is outside the folder's {len(folder)} images"
+    if row["path"] != folder.paths[index] or row["label"] != folder.labels[index]:
+        return (f"index {index} is {folder.paths[index]} (label {folder.labels[index]}) in {folder.root}, the row "
+                f"says {row['path']} (label {row['label']})")
+    return None
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -477,16 +588,18 @@ def _gather(dist: Dist, obj: Any) -> List[Any]:
 def run_folder(module, root, out, mode: str = "eval", classnames=None, batch_size: Optional[int] = None,
                workers: int = 0, seed: int = 0, limit: Optional[int] = None, strict: bool = False,
                progress: bool = True, zero_selection: float = 0.3, config: Optional[Dict[str, Any]] = None,
-               device=None) -> Optional[Dict[str, Any]]:
+               device=None, classnames_in_folder_order: bool = False) -> Optional[Dict[str, Any]]:
     """Run ``module`` over an ImageFolder tree and write one JSON row per image to ``out``.
 
     ``mode``: "eval" (the module's logits: CoOp, CoCoOp, MaPLe, zero-shot), "tpt" or "zero" (a
-    :class:`promptcore.TPT`). ``classnames`` (file, list, or None for the module's own / the folder
-    names) must match the number of class folders. Rows: ``index``, ``path``, ``label``, ``pred``,
-    ``top5`` (+ ``selected`` views and ``loss`` per step for TPT, ``selected`` and the winner's
-    ``votes`` for ZERO). ``config`` (JSON-able) identifies the run: resuming into an ``out`` written
-    with another config is refused. Under ``torchrun`` every rank calls this; rank 0 merges and gets
-    the summary (other ranks get None). Returns the summary also written to ``<stem>.summary.json``.
+    :class:`promptcore.TPT`). ``classnames`` (file, list, or None for the module's own) must match the
+    class folders: by name (see :func:`class_labels`), or in the sorted folder order when
+    ``classnames_in_folder_order``; a row's ``label`` is the index of its folder's class name. Rows:
+    ``index``, ``path``, ``label``, ``pred``, ``top5`` (+ ``selected`` views and ``loss`` per step for
+    TPT, ``selected`` and the winner's ``votes`` for ZERO). ``config`` (JSON-able) identifies the run:
+    resuming into an ``out`` written with another config is refused. Under ``torchrun`` every rank calls
+    this; rank 0 merges and gets the summary (other ranks get None). Returns the summary also written to
+    ``<stem>.summary.json``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -499,10 +612,13 @@ def run_folder(module, root, out, mode: str = "eval", classnames=None, batch_siz
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
     folder = scan_image_folder(root)
-    names = folder_classnames(folder, classnames) if classnames is not None else None
-    if names is None and len(module.classnames) != len(folder.classes):
-        raise ValueError(f"the {type(module).__name__} has {len(module.classnames)} classes, {folder.root} has "
-                         f"{len(folder.classes)} class folders")
+    names = folder_classnames(folder, classnames, classnames_in_folder_order) if classnames is not None else None
+    if names is None:
+        if len(module.classnames) != len(folder.classes):
+            raise ValueError(f"the {type(module).__name__} has {len(module.classnames)} classes, {folder.root} has "
+                             f"{len(folder.classes)} class folders")
+    folder = folder.relabeled(class_labels(folder.classes, names if names is not None else module.classnames,
+                                           classnames_in_folder_order))
     out = Path(out)
     run_config = {"mode": mode, "data": folder.fingerprint(), "seed": seed,
                   "classnames": list(names if names is not None else module.classnames), **(config or {})}
@@ -523,7 +639,7 @@ def run_folder(module, root, out, mode: str = "eval", classnames=None, batch_siz
         for part in parts.glob("rank-*.jsonl"):
             _cut_partial_line(part)
     _barrier(dist)  # every rank now reads the same finished rows
-    done = {row["index"] for source in _row_sources(out) for row in read_rows(source)}
+    done = {row["index"] for source in _row_sources(out) for row in read_rows(source, folder)}
     pending = [i for i in todo if i not in done]
     mine = pending[dist.rank::dist.world_size]
 
@@ -575,7 +691,7 @@ def _run_shard(module, folder: ImageFolder, indices: List[int], mode: str, batch
                 first = folder.root / folder.paths[kept[0]]
                 more = f" (batch of {len(kept)} images starting there)" if len(kept) > 1 else ""
                 raise RunError(_where(dist) + f"failed at image {first}{more}: {type(exc).__name__}: "
-                               + " ".join(str(exc).split())) from exc
+                               + error_text(exc)) from exc
             lines = []
             for i, res in zip(kept, results):
                 row = {"index": i, "path": folder.paths[i], "label": folder.labels[i], **res}
@@ -623,7 +739,7 @@ def _to_device(samples: List[Sample], device: torch.device) -> List[Optional[tor
                 with _quiet_torchvision_io():
                     decoded.append(decode_jpeg(samples[k].image, mode=ImageReadMode.RGB, device=device))
             except Exception as exc:
-                samples[k].error = "cannot decode JPEG: " + (" ".join(str(exc).split()) or type(exc).__name__)
+                samples[k].error = "cannot decode JPEG: " + error_text(exc)
                 decoded.append(None)
     for k, image in zip(encoded, decoded):
         images[k] = image
@@ -634,7 +750,7 @@ def _merge(out: Path, folder: ImageFolder, config: Dict[str, Any], todo: List[in
            world_size: int, progress: bool) -> Dict[str, Any]:
     rows: Dict[int, Dict[str, Any]] = {}
     for source in _row_sources(out):
-        for row in read_rows(source):
+        for row in read_rows(source, folder):
             rows.setdefault(row["index"], row)
     ordered = [rows[i] for i in sorted(rows)]
     text = "".join(json.dumps(row) + "\n" for row in ordered)

@@ -20,6 +20,7 @@ import promptcore
 from promptcore.cli import main
 from promptcore.runner import (
     RunError,
+    class_labels,
     decode_image_file,
     image_seed,
     load_image,
@@ -40,10 +41,10 @@ NAMES = ["dog", "cat", "great white shark"]
 SUBPROCESS_TIMEOUT = 240
 
 
-def _write_images(root: Path, counts=(3, 2, 2)):
+def _write_images(root: Path, counts=(3, 2, 2), folders=("b_dog", "c_cat", "a_shark")):
     """Class folders in an order that differs from the sorted one; PNG and JPEG files of odd sizes."""
     gen = torch.Generator().manual_seed(0)
-    for c, (folder, n) in enumerate(zip(["b_dog", "c_cat", "a_shark"], counts)):
+    for c, (folder, n) in enumerate(zip(folders, counts)):
         (root / folder).mkdir(parents=True)
         for i in range(n):
             arr = torch.randint(0, 256, (30 + 5 * i, 36 + c, 3), dtype=torch.uint8, generator=gen).numpy()
@@ -79,8 +80,8 @@ def _model(setup):
 
 def _common(setup, out, data=None):
     return [str(data or setup["data"]), "--model", MODEL, "--model-config", str(setup["config"]), "--pretrained",
-            str(setup["weights"]), "--classnames", str(setup["names"]), "--device", "cpu", "--workers", "0",
-            "--quiet", "--out", str(out)]
+            str(setup["weights"]), "--classnames", str(setup["names"]), "--classnames-in-folder-order", "--device",
+            "cpu", "--workers", "0", "--quiet", "--out", str(out)]
 
 
 def _tpt_args(setup, out, batch=4, data=None, extra=()):
@@ -391,3 +392,182 @@ def test_resume_refuses_results_of_another_run(setup, tmp_path, capsys):
     assert not (tmp_path / "x.jsonl").exists() and not parts_dir(tmp_path / "x.jsonl").exists()
     assert isinstance(RunError("x"), RuntimeError)
     assert np.isfinite(json.loads(summary_path(out).read_text())["images_per_s"])
+
+
+# -- class names vs class folders ---------------------------------------------------------------------------------
+
+
+def test_class_labels_match_by_name_or_declared_folder_order():
+    folders = ["Great_White_Shark", "cat", "dog"]  # sorted
+    assert class_labels(folders, ["dog", "great white shark", "Cat"]) == [1, 2, 0]
+    assert class_labels(folders, ["dog", "great white shark", "Cat"], in_folder_order=True) == [1, 2, 0]
+    wnids = ["n01", "n02", "n03"]
+    with pytest.raises(ValueError, match=r"do not match the class folder names \(folders without a class name: "
+                                         r"'n01', 'n02', 'n03'; class names without a folder: 'dog', 'cat', 'x'\)"
+                                         r".*--classnames-in-folder-order"):
+        class_labels(wnids, ["dog", "cat", "x"])
+    assert class_labels(wnids, ["dog", "cat", "x"], in_folder_order=True) == [0, 1, 2]
+    with pytest.raises(ValueError, match="folders without a class name: 'bird'; class names without a folder: 'owl'"):
+        class_labels(["bird", "cat", "dog"], ["owl", "cat", "dog"])
+    # declared in folder order, but a name that is a folder's name sits at another folder's position
+    with pytest.raises(ValueError, match="not in the sorted folder order: name 1 'dog' is folder 'dog' \\(label 2\\)"):
+        class_labels(["bird", "cat", "dog"], ["dog", "cat", "owl"], in_folder_order=True)
+    with pytest.raises(ValueError, match="2 class names for 3 class folders"):
+        class_labels(folders, ["dog", "cat"], in_folder_order=True)
+
+
+def _zeroshot_args(setup, out, data, names, extra=()):
+    common = _common(setup, out, data)
+    common.remove("--classnames-in-folder-order")
+    common[common.index("--classnames") + 1] = str(names)
+    return ["eval", *common, "--method", "zeroshot", "--templates", "simple", *extra]
+
+
+def test_class_name_file_in_another_order_maps_folders_by_name(setup, tmp_path):
+    """A class-name file whose order differs from the sorted folders used to label folder k with line k."""
+    data = _write_images(tmp_path / "data", folders=("dog", "cat", "Great_White_Shark"))
+    names = tmp_path / "names.txt"
+    names.write_text("great white shark\ndog\ncat\n")  # sorted folders: Great_White_Shark, cat, dog
+    out = tmp_path / "preds.jsonl"
+    assert main(_zeroshot_args(setup, out, data, names)) == 0
+    rows = read_rows(out)
+    lines = names.read_text().splitlines()
+    wanted = {"Great_White_Shark": 0, "dog": 1, "cat": 2}
+    assert [r["label"] for r in rows] == [wanted[r["path"].split("/")[0]] for r in rows]
+    assert all(lines[r["label"]] == r["path"].split("/")[0].replace("_", " ").lower() for r in rows)
+    summary = json.loads(summary_path(out).read_text())
+    assert [(p["name"], p["images"]) for p in summary["per_class"]] == [("great white shark", 2), ("dog", 3),
+                                                                          ("cat", 2)]
+
+
+def test_class_names_that_do_not_match_the_folders_are_refused(setup, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    before = _listing(tmp_path)
+    for args in (_zeroshot_args(setup, out, setup["data"], setup["names"]), _tpt_args(setup, out)):
+        if "--classnames-in-folder-order" in args:
+            args.remove("--classnames-in-folder-order")
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"promptcore {args[0]}: error: the class names do not match the class folder names "
+                              "(folders without a class name: 'a_shark', 'b_dog', 'c_cat'; class names without a "
+                              "folder: 'great white shark', 'dog', 'cat'); if the names are in the sorted folder "
+                              "order, say so with --classnames-in-folder-order"), err
+        assert "\n" not in err and _listing(tmp_path) == before
+    # the module's own class names (a prompt file's, or run_folder without classnames) are checked the same way
+    with pytest.raises(ValueError, match="do not match the class folder names"):
+        run_folder(_tpt_module(setup), setup["data"], out, mode="zero", progress=False)
+    assert _listing(tmp_path) == before
+    summary = run_folder(_tpt_module(setup), setup["data"], out, mode="zero", progress=False, limit=1,
+                         classnames_in_folder_order=True)
+    assert summary["images"] == 1 and read_rows(out)[0]["label"] == 0
+
+
+# -- hand-edited or damaged rows --------------------------------------------------------------------------------
+
+
+def test_damaged_rows_are_refused_naming_file_and_line(setup, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    args = _tpt_args(setup, out, extra=["--limit", "2", "--steps", "1"])
+    assert main(args) == 0
+    before = out.read_bytes(), summary_path(out).read_bytes()
+    first = json.loads(out.read_text().splitlines()[0])
+    parts = parts_dir(out)
+    parts.mkdir()
+    (parts / "run.json").write_text(json.dumps({"config": json.loads(summary_path(out).read_text())["config"]}))
+    part = parts / "rank-00000.jsonl"
+    no_index = {k: v for k, v in first.items() if k != "index"}
+    cases = [
+        (json.dumps(no_index), "the row has no 'index'"),
+        ("[1, 2]", "a row must be a JSON object, got list"),
+        (json.dumps({**first, "pred": "cat"}), "'pred' must be a JSON integer, got 'cat'"),
+        (json.dumps({**first, "index": 5}), "index 5 is c_cat/0.png (label 2) in"),
+        (json.dumps({**first, "index": 99}), "index 99 is outside the folder's 7 images"),
+        ('{"index": 0, "path', None),  # a cut-short last line is not an error: it is dropped
+        ("{not json", "is not a JSON row"),
+    ]
+    for bad, message in cases:
+        if message is None:
+            continue
+        part.write_text(json.dumps(first) + "\n" + bad + "\n")
+        assert main(args) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"promptcore tpt: error: {part}:2") and message in err and "\n" not in err, err
+        assert (out.read_bytes(), summary_path(out).read_bytes()) == before
+    # the merged file is read the same way
+    part.unlink()
+    out.write_text(json.dumps(no_index) + "\n")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"promptcore tpt: error: {out}:1: the row has no 'index'"), err
+    out.write_bytes(b"\xff\xfe\x00garbage\n")
+    assert main(args) == 2
+    assert f"{out} is not a UTF-8 JSON-lines file" in capsys.readouterr().err
+
+
+# -- errors without build paths, random weights, unreadable --pretrained files -----------------------------------
+
+
+def test_decode_errors_name_the_file_without_torchvision_build_paths(tmp_path):
+    from promptcore.runner import FolderImages, _to_device, error_text
+
+    bad = tmp_path / "data" / "cat" / "bad.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ValueError) as info:
+        decode_image_file(bad)
+    message = str(info.value)
+    assert message.startswith(f"cannot decode image {bad}: ") and len(message) > len(f"cannot decode image {bad}: ")
+    folder = scan_image_folder(tmp_path / "data")
+    decoded = FolderImages(folder, [0])[0]
+    encoded = FolderImages(folder, [0], jpeg_bytes=True)[0]
+    _to_device([encoded], torch.device("cpu"))  # the GPU route's decoder, run on the CPU
+    for text in (message, decoded.error, encoded.error):
+        assert text and "csrc" not in text and ".cpp" not in text and "/pytorch/" not in text, text
+    c10 = RuntimeError("bad header\nException raised from decode at /pytorch/vision/torchvision/csrc/io/x.cpp:62 "
+                       "(most recent call first):\nframe #0: c10::Error::Error() + 0x1")
+    assert error_text(c10) == "bad header"
+    assert error_text(RuntimeError("decode_png, /__w/vision/pytorch/vision/torchvision/csrc/io/image/cpu/"
+                                   "decode_png.cpp:77, Internal error.")) == "Internal error."
+    assert error_text(KeyError()) == "KeyError"
+
+
+def test_random_weights_are_the_same_whatever_the_global_rng(setup):
+    """Without --pretrained every torchrun rank builds its own model: the weights must not depend on the
+    process's RNG state (they used to, so ranks disagreed)."""
+    from promptcore.models import RANDOM_WEIGHTS_SEED, load_model
+
+    torch.manual_seed(1)
+    a, _ = load_model(MODEL)
+    torch.manual_seed(2)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    b, _ = load_model(MODEL)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    torch.manual_seed(RANDOM_WEIGHTS_SEED + 1)
+    c, _ = load_model(MODEL, seed=RANDOM_WEIGHTS_SEED + 1)
+    assert not torch.equal(c.state_dict()["text_projection"], sa["text_projection"])
+
+
+def test_unreadable_pretrained_files_are_named(setup, tmp_path, capsys):
+    garbage_pt, text_pt, garbage_st = tmp_path / "garbage.pt", tmp_path / "text.pt", tmp_path / "garbage.safetensors"
+    garbage_pt.write_bytes(b"garbage\n")
+    text_pt.write_bytes(b"this is not a checkpoint")
+    garbage_st.write_bytes(b"\x00" * 64)
+    wrong, cut = tmp_path / "wrong.pt", tmp_path / "cut.pt"
+    torch.save({"x": torch.zeros(2)}, wrong)
+    cut.write_bytes(setup["weights"].read_bytes()[:4096])
+    out = tmp_path / "preds.jsonl"
+    cases = [(garbage_pt, "not a PyTorch checkpoint that loads with weights_only=True"),
+             (text_pt, "cannot load pretrained weights file"), (cut, "cannot load pretrained weights file"),
+             (garbage_st, "not a safetensors file"), (wrong, "Missing key(s)"),
+             (tmp_path / "missing.pt", "no pretrained weights file at")]
+    for path, message in cases:
+        args = _tpt_args(setup, out)
+        args[args.index("--pretrained") + 1] = str(path)
+        assert main(args) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("promptcore tpt: error: ") and str(path) in err and message in err, err
+        assert "\n" not in err and len(err) < 500
+    assert not out.exists() and not parts_dir(out).exists()
