@@ -186,9 +186,10 @@ class _Crash(Exception):
 def test_a_crash_at_any_move_leaves_a_complete_folder(tmp_path, monkeypatch, coop_module, exchange):
     old = _old_export(tmp_path, coop_module, monkeypatch)
     monkeypatch.setattr(pipeline, "to_onnx", _fake_to_onnx("new"))
-    if not exchange:
-        monkeypatch.setattr(pipeline, "_exchange", lambda a, b: False)
-    real = {"replace": os.replace, "rename": os.rename, "move": shutil.move, "exchange": pipeline._exchange}
+    if not exchange:  # the fallback where the system has no atomic exchange
+        monkeypatch.setattr(pipeline, "_exchange", lambda a, b: False, raising=False)
+    real = {"replace": os.replace, "rename": os.rename, "move": shutil.move,
+            "exchange": getattr(pipeline, "_exchange", lambda a, b: False)}
     moves = []
 
     def counting(name, crash_at):
@@ -204,7 +205,7 @@ def test_a_crash_at_any_move_leaves_a_complete_folder(tmp_path, monkeypatch, coo
         moves.clear()
         for name, target in (("replace", os), ("rename", os), ("move", shutil)):
             monkeypatch.setattr(target, name, counting(name, crash_at))
-        monkeypatch.setattr(pipeline, "_exchange", counting("exchange", crash_at))
+        monkeypatch.setattr(pipeline, "_exchange", counting("exchange", crash_at), raising=False)
         try:
             pipeline.export_folder(coop_module, tmp_path / "out")
             outcomes.add("new")
@@ -214,7 +215,7 @@ def test_a_crash_at_any_move_leaves_a_complete_folder(tmp_path, monkeypatch, coo
         finally:
             for name, target in (("replace", os), ("rename", os), ("move", shutil)):
                 monkeypatch.setattr(target, name, real[name])
-            monkeypatch.setattr(pipeline, "_exchange", real["exchange"] if exchange else (lambda a, b: False))
+            monkeypatch.setattr(pipeline, "_exchange", real["exchange"], raising=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], f"crash at move {crash_at}"
         if "new" in outcomes:
             break
