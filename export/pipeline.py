@@ -426,8 +426,12 @@ def verify_folder_model(onnx_path, batch_sizes: Sequence[int] = (1, 3), provider
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
-    hashes = check_folder_files(onnx_path.parent)  # before any file of the folder is parsed
-    meta = read_metadata(onnx_path)
+    if (onnx_path.parent / REPORT_NAME).is_file():
+        hashes = check_folder_files(onnx_path.parent)  # a changed file is named before anything parses it
+        meta = read_metadata(onnx_path)
+    else:
+        meta = read_metadata(onnx_path)  # what the file is, then that its folder is incomplete
+        hashes = check_folder_files(onnx_path.parent)
     prompts_name = _bare_file_name(meta, "prompts_file", onnx_path)
     for name in (onnx_path.name, prompts_name):
         if name not in hashes:
