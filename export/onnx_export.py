@@ -297,7 +297,8 @@ def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str
         # Python's max() drops a NaN operand (max(0.0, nan) == 0.0): NaN is carried explicitly
         diff = float(np.abs(got - ref).max())
         max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)
-        max_logit = max(max_logit, float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 0.0)
+        finite = ref[np.isfinite(ref)]
+        max_logit = max(max_logit, float(np.abs(finite).max()) if finite.size else 0.0)
         ours, theirs = got.argmax(-1), ref.argmax(-1)
         agree += int((ours == theirs).sum())
         rows = np.nonzero(ours != theirs)[0]
@@ -320,8 +321,8 @@ def judge(result: dict, dtype: str) -> str:
     """Why a comparison from :func:`compare_with_onnxruntime` fails ("" when it passes).
 
     It passes only when both sides return finite logits, max |diff| is within :func:`tolerance` and
-    every top-1 disagreement is a tie within that tolerance (the two classes' PyTorch logits differ by
-    no more than it).
+    every top-1 disagreement is a tie: two classes whose logits each moved by at most the tolerance can
+    swap only when their PyTorch logits are within twice the tolerance.
     """
     allowed = tolerance(dtype, result["max_abs_logit"])
     if result.get("nonfinite"):
@@ -329,10 +330,10 @@ def judge(result: dict, dtype: str) -> str:
     if not result["max_abs_diff"] <= allowed:
         return f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > {allowed:.3e}"
     gap = result.get("max_disagreement_gap", 0.0)
-    if result["top1_agreement"] < 1.0 and not gap <= allowed:
+    if result["top1_agreement"] < 1.0 and not gap <= 2 * allowed:
         return (f"onnxruntime and PyTorch pick different top-1 classes on {(1 - result['top1_agreement']) * 100:.1f}% "
                 f"of the images (top-1 agreement {result['top1_agreement'] * 100:.1f}%, PyTorch logit gap "
-                f"{gap:.3e} > {allowed:.3e})")
+                f"{gap:.3e} > twice the tolerance {allowed:.3e})")
     return ""
 
 

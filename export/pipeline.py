@@ -164,8 +164,8 @@ class _Terminated(BaseException):
 
 class _SigtermGuard:
     """While active, SIGTERM raises :class:`_Terminated` so every ``finally`` cleanup runs; inside
-    :meth:`deferred` it only takes note (a folder swap is never cut in half). On exit the previous handler
-    is restored and a caught SIGTERM is handed on to it (by default: the process ends by SIGTERM)."""
+    :meth:`deferred` it only takes note (the folder swap then completes the export). On exit the previous
+    handler is restored and a caught SIGTERM is handed on to it (by default: the process ends by SIGTERM)."""
 
     def __init__(self):
         self.caught = False
@@ -188,10 +188,13 @@ class _SigtermGuard:
     def __exit__(self, exc_type, exc, tb):
         if not self.active:
             return False
-        signal.signal(signal.SIGTERM, self.previous)
+        # None: a handler installed outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
         if self.caught:
             signal.raise_signal(signal.SIGTERM)  # the previous handler's turn
-            raise ExportError("the export was interrupted by SIGTERM; nothing was changed") from None
+            if exc_type is not None:  # else it came during the swap, which completed the export
+                raise ExportError("the export was interrupted by SIGTERM; the export folder was left as it "
+                                  "was") from None
         return False
 
     @contextlib.contextmanager
@@ -201,8 +204,6 @@ class _SigtermGuard:
             yield
         finally:
             self.deferring = False
-        if self.caught:
-            raise _Terminated()
 
 
 @contextlib.contextmanager

@@ -479,3 +479,24 @@ def test_control_characters_in_class_names_are_refused(release, tmp_path, names,
     with pytest.raises(ExportError, match=r"class 1 \('dog.*holds the control character"):
         to_onnx(coop_module, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_the_swap_lets_it_complete(tmp_path, monkeypatch, coop_module):
+    _old_export(tmp_path, coop_module, monkeypatch)
+    monkeypatch.setattr(pipeline, "to_onnx", _fake_to_onnx("new"))
+    real_swap = pipeline._swap_in
+
+    def swap_with_sigterm(stage, out):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_swap(stage, out)
+
+    monkeypatch.setattr(pipeline, "_swap_in", swap_with_sigterm)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        pipeline.export_folder(coop_module, tmp_path / "out")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]  # handed on to the previous handler once the swap is done
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == b"model new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
