@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import copy
+import unicodedata
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,22 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 class ExportError(ValueError):
     """The module or its options cannot be exported."""
+
+
+# Characters that end a line for Triton's labels.txt reader or for Python's str.splitlines: a class name holding one
+# would shift every label after it.
+_LINE_BREAKING = {"Cc", "Zl", "Zp"}
+
+
+def check_classnames(names: Sequence[str]) -> None:
+    """Refuse class names holding control or line-separator characters (they would split labels.txt lines)."""
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ExportError(f"class {i} is {type(name).__name__} {name!r}, not a string")
+        for ch in name:
+            if unicodedata.category(ch) in _LINE_BREAKING:
+                raise ExportError(f"class {i} ({name!r}) holds the control character {ch!r} "
+                                  f"(U+{ord(ch):04X}); class names must be single printable lines")
 
 
 def check_exportable(module: nn.Module) -> str:

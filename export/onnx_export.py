@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from promptcore.models import image_size as model_image_size
 
-from .graphs import DTYPES, ExportError, build_graph, check_exportable
+from .graphs import DTYPES, EXPORTABLE, ExportError, build_graph, check_classnames, check_exportable
 
 TWO_GB = 2 * 1024**3
 METADATA_PREFIX = "promptcore."
@@ -49,6 +51,9 @@ class ExportReport:
     files: List[str] = field(default_factory=list)
     provider: str = "CPUExecutionProvider"
     provider_note: str = ""
+    max_disagreement_gap: float = 0.0
+    nonfinite: str = ""
+    sha256: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         return (f"wrote {self.path} ({self.method}, {self.dtype}, {self.num_classes} classes, "
@@ -118,7 +123,10 @@ def metadata_for(module: nn.Module, dtype: str, image_size: int, outputs: Sequen
 
 
 def read_metadata(path) -> Dict[str, object]:
-    """promptcore's metadata of an exported model (JSON fields decoded)."""
+    """promptcore's metadata of an exported model (JSON fields decoded), every field checked.
+
+    A missing or malformed field raises :class:`ExportError` naming the field and the file.
+    """
     import onnx
 
     with _stage(f"reading {path} as an ONNX model"):
@@ -126,10 +134,37 @@ def read_metadata(path) -> Dict[str, object]:
     raw = {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
     if "method" not in raw:
         raise ExportError(f"{path} was not written by promptcore (no promptcore metadata)")
+
+    def bad(key: str, why: str) -> ExportError:
+        return ExportError(f"{path}: metadata field {METADATA_PREFIX}{key} {why}")
+
+    for key in ("method", "classnames", "options", "model_name", "dtype", "image_size", "outputs"):
+        if key not in raw:
+            raise bad(key, "is missing")
     out: Dict[str, object] = dict(raw)
     for key in ("classnames", "options", "outputs"):
-        if key in raw:
+        try:
             out[key] = json.loads(raw[key])
+        except ValueError as exc:
+            raise bad(key, f"is not valid JSON ({exc})") from None
+    if out["method"] not in EXPORTABLE:
+        raise bad("method", f"is {out['method']!r}, not one of {', '.join(EXPORTABLE)}")
+    names = out["classnames"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("classnames", "is not a non-empty JSON list of strings")
+    try:
+        check_classnames(names)
+    except ExportError as exc:
+        raise bad("classnames", f"is not valid: {exc}") from None
+    if not isinstance(out["options"], dict):
+        raise bad("options", "is not a JSON object")
+    if out["dtype"] not in DTYPES:
+        raise bad("dtype", f"is {out['dtype']!r}, not one of {', '.join(DTYPES)}")
+    if not re.fullmatch(r"[1-9][0-9]{0,5}", raw["image_size"]):
+        raise bad("image_size", f"is {raw['image_size']!r}, not a positive integer")
+    outputs = out["outputs"]
+    if outputs not in (["logits"], ["logits", "image_features"]):
+        raise bad("outputs", f"is {outputs!r}, not [\"logits\"] or [\"logits\", \"image_features\"]")
     return out
 
 
@@ -211,14 +246,40 @@ def ort_runner(session, feed: Dict[str, np.ndarray], provider: str):
     return run
 
 
+def check_batch_sizes(batch_sizes: Sequence[int]) -> List[int]:
+    """The comparison's batch sizes: at least one, each an integer >= 1."""
+    sizes = list(batch_sizes)
+    if not sizes:
+        raise ExportError("give at least one batch size to compare")
+    for b in sizes:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise ExportError(f"batch size {b!r} is not valid: batch sizes must be integers >= 1")
+    return [int(b) for b in sizes]
+
+
+def _nonfinite(array: np.ndarray) -> str:
+    nan = int(np.isnan(array).sum())
+    inf = int(np.isinf(array).sum())
+    parts = ([f"{nan} NaN"] if nan else []) + ([f"{inf} infinite"] if inf else [])
+    return " and ".join(parts)
+
+
 def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str,
                              batch_sizes: Sequence[int] = (1, 3), seed: int = 0, timing: bool = True,
                              provider: str = "auto") -> dict:
-    """Run the ONNX file in onnxruntime (on ``provider``) and ``graph`` in PyTorch on the same images."""
+    """Run the ONNX file in onnxruntime (on ``provider``) and ``graph`` in PyTorch on the same images.
+
+    Besides max |diff| and top-1 agreement the result says ``nonfinite`` (which side returned NaN or
+    infinite logits, "" when none) and ``max_disagreement_gap``: over the rows whose top-1 classes differ,
+    the largest PyTorch logit gap between the two classes (0 when all agree), so a disagreement can be
+    told from a tie within tolerance.
+    """
+    batch_sizes = check_batch_sizes(batch_sizes)
     session, used, note = open_session(path, provider)
     input_name = session.get_inputs()[0].name
     device = next(graph.parameters()).device
-    max_diff, max_logit, agree, total = 0.0, 0.0, 0, 0
+    max_diff, max_logit, agree, total, gap = 0.0, 0.0, 0, 0, 0.0
+    nonfinite = []
     images = None
     for i, batch in enumerate(batch_sizes):
         images = _sample_images(batch, image_size, DTYPES[dtype], seed + i)
@@ -230,11 +291,23 @@ def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str
         got = got.astype(np.float32)
         if got.shape != ref.shape:
             raise ExportError(f"onnxruntime returned logits of shape {got.shape}, PyTorch {ref.shape}")
-        max_diff = max(max_diff, float(np.abs(got - ref).max()))
-        max_logit = max(max_logit, float(np.abs(ref).max()))
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        for side, array in (("onnxruntime", got), ("PyTorch", ref)):
+            if not np.isfinite(array).all():
+                nonfinite.append(f"{side} returned {_nonfinite(array)} logits at batch {batch}")
+        # Python's max() drops a NaN operand (max(0.0, nan) == 0.0): NaN is carried explicitly
+        diff = float(np.abs(got - ref).max())
+        max_diff = diff if math.isnan(diff) or math.isnan(max_diff) else max(max_diff, diff)
+        finite = ref[np.isfinite(ref)]
+        max_logit = max(max_logit, float(np.abs(finite).max()) if finite.size else 0.0)
+        ours, theirs = got.argmax(-1), ref.argmax(-1)
+        agree += int((ours == theirs).sum())
+        rows = np.nonzero(ours != theirs)[0]
+        if len(rows):
+            gaps = ref[rows, theirs[rows]] - ref[rows, ours[rows]]
+            gap = max(gap, float(np.max(gaps))) if np.isfinite(gaps).all() else float("inf")
         total += batch
     result = {"max_abs_diff": max_diff, "max_abs_logit": max_logit, "top1_agreement": agree / total,
+              "max_disagreement_gap": gap, "nonfinite": "; ".join(nonfinite),
               "torch_ms": float("nan"), "onnxruntime_ms": float("nan"), "provider": used, "provider_note": note}
     if timing and images is not None:
         on_device = images.to(device)
@@ -242,6 +315,26 @@ def compare_with_onnxruntime(graph: nn.Module, path, image_size: int, dtype: str
             result["torch_ms"] = _median_ms(lambda: _synchronized(graph(on_device)))
         result["onnxruntime_ms"] = _median_ms(ort_runner(session, {input_name: images.numpy()}, used))
     return result
+
+
+def judge(result: dict, dtype: str) -> str:
+    """Why a comparison from :func:`compare_with_onnxruntime` fails ("" when it passes).
+
+    It passes only when both sides return finite logits, max |diff| is within :func:`tolerance` and
+    every top-1 disagreement is a tie: two classes whose logits each moved by at most the tolerance can
+    swap only when their PyTorch logits are within twice the tolerance.
+    """
+    allowed = tolerance(dtype, result["max_abs_logit"])
+    if result.get("nonfinite"):
+        return f"non-finite logits: {result['nonfinite']}"
+    if not result["max_abs_diff"] <= allowed:
+        return f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > {allowed:.3e}"
+    gap = result.get("max_disagreement_gap", 0.0)
+    if result["top1_agreement"] < 1.0 and not gap <= 2 * allowed:
+        return (f"onnxruntime and PyTorch pick different top-1 classes on {(1 - result['top1_agreement']) * 100:.1f}% "
+                f"of the images (top-1 agreement {result['top1_agreement'] * 100:.1f}%, PyTorch logit gap "
+                f"{gap:.3e} > twice the tolerance {allowed:.3e})")
+    return ""
 
 
 def _synchronized(out):
@@ -292,6 +385,8 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
     method = check_exportable(module)
     if dtype not in DTYPES:
         raise ExportError(f"unknown export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_classnames(module.classnames)
+    batch_sizes = check_batch_sizes(batch_sizes)
     path = check_output_path(path)
     provider_list(provider)  # an unknown or missing provider fails before the export work
     size = _image_size(module, image_size)
@@ -320,10 +415,9 @@ def to_onnx(module: nn.Module, path, image_size: Optional[int] = None, dtype: st
         step("comparing onnxruntime with PyTorch")
         with _stage("running the exported graph in onnxruntime against PyTorch"):
             result = compare_with_onnxruntime(graph, tmp_model, size, dtype, batch_sizes, provider=provider)
-        allowed = tolerance(dtype, result["max_abs_logit"])
-        if not result["max_abs_diff"] <= allowed:
-            raise ExportError(f"onnxruntime and PyTorch disagree: max |diff| {result['max_abs_diff']:.3e} > "
-                              f"{allowed:.3e}")
+        failure = judge(result, dtype)
+        if failure:
+            raise ExportError(f"the exported {method} graph fails verification: {failure}")
         files = []
         for produced in sorted(tmpdir.iterdir()):
             target = path.parent / produced.name

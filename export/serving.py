@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
+from .graphs import check_classnames
+
 # ONNX TensorProto element types -> Triton DataType enum names
 ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
                   7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
@@ -117,6 +119,7 @@ def write_triton_repository(root, onnx_path, name: str, classnames: Sequence[str
     and the ONNX graph before any file is written."""
     import onnx
 
+    check_classnames(classnames)  # a control character in a name would shift every label after it in labels.txt
     model = onnx.load(str(onnx_path), load_external_data=False)
     inputs, outputs = onnx_io(model)
     config = build_config(name, inputs, outputs, max_batch_size, [b for b in preferred if b <= max_batch_size])

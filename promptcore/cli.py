@@ -90,7 +90,19 @@ def _verify(args) -> int:
           f"{result['onnxruntime_ms']:.1f} ms at batch {args.batch[-1]}")
     if result["provider_note"]:
         print(result["provider_note"])
+    if not result["ok"]:
+        print(f"promptcore verify: {args.model}: {result['failure']}", file=sys.stderr)
     return 0 if result["ok"] else 1
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch size {text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"batch size {value} is not valid: batch sizes must be >= 1")
+    return value
 
 
 # -- folder runs: ``promptcore eval`` and ``promptcore tpt`` (see promptcore/runner.py) -------------------------
@@ -281,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="run an exported model in onnxruntime and PyTorch on the same inputs")
     ver.add_argument("model", help="model.onnx written by promptcore export")
-    ver.add_argument("--batch", type=int, nargs="+", default=[1, 3], help="batch sizes to compare")
+    ver.add_argument("--batch", type=_batch_size, nargs="+", default=[1, 3], help="batch sizes to compare")
     ver.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
                      help="onnxruntime execution provider (auto: the best available, said in the report)")
     ver.set_defaults(func=_verify)
