@@ -220,6 +220,10 @@ class MaPLe(CachedTextFeatures, ContextPromptModule):
 
     # -- encoding -----------------------------------------------------------------------------
 
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        learner = self.prompt_learner  # the text side reads ctx and the deep text prompts, not the projections
+        return [learner.ctx, *learner.compound_prompts_text]
+
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)
 

@@ -250,6 +250,9 @@ class TPT(CachedTextFeatures, ContextPromptModule):
             bias = meta(feat.to(meta[0].weight.dtype))
         return (ctx.unsqueeze(0) + bias.float().unsqueeze(1)).contiguous()
 
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        return [self.prompt_learner.ctx]
+
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text_groups(self.prompt_learner.ctx.unsqueeze(0))[0]
 
