@@ -23,7 +23,7 @@ from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
 from .engine import PromptSet, TextEngine
 from .models import image_size
 from .official import LearnerSpec
-from .prompts import clean_classnames, context_prompts, default_tokenizer
+from .prompts import check_flag, clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
 
 
@@ -150,6 +150,7 @@ class ContextPromptModule(PromptModule):
 
     def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
                  capture: str = "none"):
+        check_flag("freeze", freeze)
         super().__init__(model, tokenizer, text_path, capture)
         self._freeze = freeze
 
