@@ -139,3 +139,18 @@ def test_zeroshot_cache_follows_load_state_dict():
     want = zs.encode_text("naive")
     assert scaled_error(first, want) > 1e-2
     assert_close_scaled(got, want, name="ZeroShot after load_state_dict")
+
+
+def test_compiled_fast_path_follows_the_token_embedding():
+    """The refresh copies into the same buffer outside the captured function, so a compiled path (and a
+    CUDA graph replay, whose static inputs keep their addresses) reads the new embeddings."""
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0, capture="compile").eval()
+    coop.engine.fast.compile_options["backend"] = "aot_eager"  # test-only: no C++ compiler needed
+    buffer = coop.prompt_learner.prompts.token_embeds
+    _assert_fast_equals_naive(coop, "compiled, before")
+    coop.model.load_state_dict(make_model(seed=1).state_dict())
+    _assert_fast_equals_naive(coop, "compiled, after load_state_dict")
+    coop.model.token_embedding.weight.data.mul_(0.5)
+    coop.clear_cache()
+    _assert_fast_equals_naive(coop, "compiled, after a .data write + clear_cache")
+    assert coop.prompt_learner.prompts.token_embeds is buffer
