@@ -144,7 +144,11 @@ def init_context(tower, tokenizer, ctx_init: Optional[str], n_ctx: int, shape_le
     if ctx_init:
         phrase = init_phrase(ctx_init)
         n_ctx = len(phrase.split(" "))
-        check_context_budget(count_tokens(tokenizer, phrase), tower.context_length, f"ctx_init={phrase!r}")
+        phrase_tokens = count_tokens(tokenizer, phrase)
+        check_context_budget(phrase_tokens, tower.context_length, f"ctx_init={phrase!r}")
+        if phrase_tokens < n_ctx:  # a word the tokenizer drops: the last slots would land on the class name
+            raise ValueError(f"ctx_init={phrase!r} has {n_ctx} words but only {phrase_tokens} tokens; "
+                             "each word must give at least one token")
         ids = tokenize(tokenizer, [phrase], tower.context_length)
         with torch.no_grad():
             emb = tower.token_embedding(ids.to(tower.device)).to(dtype)

@@ -71,6 +71,16 @@ def test_init_phrase_without_words_is_refused(method, phrase):
     _assert_unchanged(model, snapshot)
 
 
+@pytest.mark.parametrize("method", ["coop", "cocoop", "tpt"])
+def test_init_phrase_word_without_token_is_refused(method):
+    """A byte-order mark is no whitespace to str.split and no token to the BPE: five words, four tokens."""
+    model = _model(method)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="ctx_init=.* has 5 words but only 4 tokens"):
+        BUILD[method](model, ["dog", "cat"], ctx_init="a photo of a \ufeff")
+    _assert_unchanged(model, snapshot)
+
+
 # -- control characters in class names -----------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", ["dog\n", "great\twhite shark", "x\x00", "cat\r", "e\x1b[31m"])
