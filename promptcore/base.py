@@ -23,7 +23,7 @@ from .checkpoints import CheckpointError, read_prompt_file, save_prompt_file
 from .engine import PromptSet, TextEngine
 from .models import image_size
 from .official import LearnerSpec
-from .prompts import clean_classnames, context_prompts, default_tokenizer
+from .prompts import check_flag, clean_classnames, context_prompts, default_tokenizer
 from .views import require_finite
 
 
@@ -99,8 +99,19 @@ class PromptModule(nn.Module, ABC):
         """The constructor options that rebuild this module (saved in prompt files)."""
 
     def clear_cache(self) -> None:
-        """Forget features derived from the learned prompts (call after changing them in place)."""
+        """Forget everything derived from the weights: cached text features and the prompt sets' token
+        embeddings, which are gathered again from the token-embedding weight.
+
+        Changes to the learned prompts and ordinary in-place writes to CLIP's weights (``load_state_dict``,
+        ``copy_``, ``.to()``) are seen without it; writes through ``.data`` to CLIP's frozen weights are not
+        (no version counter moves, and comparing the whole text tower on every call would cost too much):
+        call this after them.
+        """
         self._text_cache = None
+        tower = self.engine.tower
+        for sub in self.modules():
+            if isinstance(sub, PromptSet):
+                sub.refresh_token_embeds(tower, force=True)
 
     # -- promptcore files -------------------------------------------------------------------
 
@@ -139,6 +150,7 @@ class ContextPromptModule(PromptModule):
 
     def __init__(self, model: nn.Module, tokenizer=None, text_path: str = "auto", freeze: bool = True,
                  capture: str = "none"):
+        check_flag("freeze", freeze)
         super().__init__(model, tokenizer, text_path, capture)
         self._freeze = freeze
 
@@ -245,18 +257,50 @@ class CachedTextFeatures(ABC):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.prompt_learner.parameters())
         return not self.training and not needs_grad
 
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        """The learned tensors the text features depend on: compared by content on every cached call (they
+        are small), so writes through ``.data``, which move no version counter, expire the cache too."""
+        return list(self.prompt_learner.parameters())
+
     def _cache_key(self):
-        params = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.prompt_learner.parameters())
-        return params, self._classes_version, self.text_path
+        params = tuple(_tensor_key(p) for p in self.prompt_learner.parameters())
+        return params, tower_key(self.engine.tower), self._classes_version, self.text_path
+
+    def _remember(self, key, feats: torch.Tensor) -> torch.Tensor:
+        snapshot = tuple(t.detach().clone() for t in self._learned_tensors())
+        self._text_cache = (key, feats.detach(), snapshot)
+        return self._text_cache[1]
+
+    def _cache_hit(self, key) -> bool:
+        cache = self._text_cache
+        if cache is None or cache[0] != key:
+            return False
+        learned = self._learned_tensors()
+        return len(learned) == len(cache[2]) and all(torch.equal(t.detach(), s) for t, s in zip(learned, cache[2]))
 
     def text_features(self) -> torch.Tensor:
         """Text features of the current class list (cached until what they depend on changes)."""
         if self._use_cache():
             key = self._cache_key()
-            if self._text_cache is not None and self._text_cache[0] == key:
+            if self._cache_hit(key):
                 return self._text_cache[1]
-            feats = self._compute_text_features()
-            self._text_cache = (key, feats.detach())
-            return self._text_cache[1]
+            return self._remember(key, self._compute_text_features())
         self._text_cache = None
         return self._compute_text_features()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return t._version, t.data_ptr(), t.dtype, t.device
+
+
+def tower_key(tower) -> tuple:
+    """Versions, addresses, dtypes and devices of the text tower's weights: ``load_state_dict``, ``copy_``,
+    ``.to()`` or a swapped weight change it; ``.data`` writes do not (see :meth:`PromptModule.clear_cache`)."""
+    tensors = [*tower.token_embedding.parameters(), *tower.transformer.parameters(), *tower.ln_final.parameters(),
+               tower.positional_embedding]
+    proj = tower.text_projection
+    if isinstance(proj, nn.Module):
+        tensors.extend(proj.parameters())
+    elif proj is not None:
+        tensors.append(proj)
+    return tuple(_tensor_key(t) for t in tensors)

@@ -22,7 +22,7 @@ from .base import ContextPromptModule
 from .engine import PromptSet
 from .meta_net import build_meta_net, image_feature_dim
 from .official import read_official
-from .prompts import clean_classnames, init_context
+from .prompts import check_context_options, check_seed, clean_classnames, init_context
 
 
 class CoCoOpPromptLearner(nn.Module):
@@ -74,6 +74,8 @@ class CoCoOp(ContextPromptModule):
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 4,
                  ctx_init: Optional[str] = "a photo of a", text_path: str = "auto", seed: Optional[int] = None,
                  freeze: bool = True, capture: str = "none"):
+        check_context_options(n_ctx, ctx_init)  # every option is checked before CLIP is touched
+        check_seed(seed)
         super().__init__(model, tokenizer, text_path, freeze, capture)
         names = clean_classnames(classnames)  # fail on a bad class list before any random draw
         tower = self.engine.tower

@@ -10,7 +10,14 @@ import torch.nn as nn
 from .base import CachedTextFeatures, ContextPromptModule
 from .engine import PromptSet
 from .official import read_official
-from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
+from .prompts import (
+    CLASS_TOKEN_POSITIONS,
+    check_context_options,
+    check_flag,
+    check_seed,
+    clean_classnames,
+    init_context,
+)
 
 
 class CoOpPromptLearner(nn.Module):
@@ -50,6 +57,9 @@ class CoOp(CachedTextFeatures, ContextPromptModule):
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 16,
                  ctx_init: Optional[str] = None, csc: bool = False, class_token_position: str = "end",
                  text_path: str = "auto", seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
+        check_context_options(n_ctx, ctx_init)  # every option is checked before CLIP is touched
+        check_flag("csc", csc)
+        check_seed(seed)
         super().__init__(model, tokenizer, text_path, freeze, capture)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"unknown class token position {class_token_position!r}; "

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from promptcore.kernels import assemble_prompts
+from promptcore.kernels.backend import tracing_or_compiling
 
 from .capture import CapturedPath
 from .tower import TextTower
@@ -134,9 +135,10 @@ class PromptSet(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("slots", slots, persistent=False)
         self.register_buffer("eot", eot, persistent=False)
-        keep = prefix_len + self.suffix_len
-        with torch.no_grad():
-            self.register_buffer("token_embeds", tower.token_embedding(ids[..., :keep]), persistent=False)
+        self._keep = prefix_len + self.suffix_len
+        self._embeds_key = None
+        self.register_buffer("token_embeds", self._gather(tower), persistent=False)
+        self._embeds_key = _weight_key(tower.token_embedding.weight)
         # Which positions hold context, decided once here as Python values: the encoders branch on
         # them, and a data-dependent branch cannot be traced for export.
         is_ctx = (slots >= 0).cpu()
@@ -152,6 +154,27 @@ class PromptSet(nn.Module):
         self.bucket_members = BufferList(members)  # class indices of bucket i, on the prompts' device
         # output row -> position in the buckets' concatenation: restores class order
         self.register_buffer("bucket_order", torch.argsort(torch.cat(members)), persistent=False)
+
+    def _gather(self, tower: TextTower) -> torch.Tensor:
+        with torch.no_grad():
+            return tower.token_embedding(self.ids[..., :self._keep])
+
+    def refresh_token_embeds(self, tower: TextTower, force: bool = False) -> None:
+        """Re-gather ``token_embeds`` when the tower's token-embedding weight changed (another tensor, an
+        in-place write, another device or dtype), or always with ``force`` (writes through ``.data``,
+        which no version counter sees). In place where the shape, dtype and device allow, so a captured
+        path (compiled or CUDA graphs) keeps reading the same buffer."""
+        weight = tower.token_embedding.weight
+        key = _weight_key(weight)
+        if not force and key == self._embeds_key:
+            return
+        fresh = self._gather(tower)
+        old = self.token_embeds
+        if old.shape == fresh.shape and old.dtype == fresh.dtype and old.device == fresh.device:
+            old.copy_(fresh)
+        else:
+            self.token_embeds = fresh
+        self._embeds_key = key
 
     @property
     def num_classes(self) -> int:
@@ -296,6 +319,8 @@ class TextEngine:
         if resolved == "fast" and (prompts.prefix_len == 0 or outside):
             resolved = "naive"
         if resolved == "fast":
+            if not tracing_or_compiling():  # outside the captured path: a Python check, then an in-place copy
+                prompts.refresh_token_embeds(self.tower)
             return self.fast(prompts, ctx, bias, layer_prompts)
         return self.encode_naive(prompts, ctx, bias, layer_prompts)
 
@@ -333,6 +358,8 @@ class TextEngine:
         P = prompts.prefix_len
         layout = prompts.ctx_layout if ctx is not None else "shared"
         pos = tower.positional_embedding.to(dtype)
+        if not tracing_or_compiling():
+            prompts.refresh_token_embeds(tower)
         tokens = prompts.token_embeds.to(dtype)
         ctx, bias = _cast(ctx, dtype), _cast(bias, dtype)
         if layout == "class" and prompts.has_ctx(0, P):
@@ -409,6 +436,12 @@ def _per_group_inputs(prompts: PromptSet, tokens: torch.Tensor, pos: torch.Tenso
         eot = prompts.eot[:, members] - P
         out.append(SuffixState(x, eot.amax(dim=0) + 1, eot, True))
     return out
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies a weight's current values short of reading them: a swapped tensor, an in-place write
+    through it (version), a move or a cast all change the key."""
+    return id(weight), weight._version, weight.data_ptr(), weight.dtype, weight.device
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -24,7 +24,16 @@ import torch.nn as nn
 from .base import CachedTextFeatures, ContextPromptModule
 from .engine import LayerPrompts, PromptSet
 from .official import check_clip_tensors, read_official
-from .prompts import clean_classnames, count_tokens, tokenize
+from .prompts import (
+    check_context_budget,
+    check_context_options,
+    check_n_ctx,
+    check_seed,
+    clean_classnames,
+    count_tokens,
+    init_phrase,
+    tokenize,
+)
 from .tower import UnsupportedModelError
 
 # Official MaPLe uses the init phrase only for short contexts (``if ctx_init and n_ctx <= 4``).
@@ -105,8 +114,9 @@ def maple_init_context(tower, tokenizer, ctx_init: Optional[str], n_ctx: int) ->
     """
     dtype = tower.dtype
     if ctx_init and n_ctx <= MAX_INIT_CTX:
-        phrase = ctx_init.replace("_", " ")
+        phrase = init_phrase(ctx_init)
         available = count_tokens(tokenizer, phrase)
+        check_context_budget(available, tower.context_length, f"ctx_init={phrase!r}")
         if n_ctx > available:
             raise ValueError(f"n_ctx={n_ctx} does not fit the init phrase {phrase!r}, which has only {available} "
                              "tokens (the context would overwrite class-name tokens)")
@@ -182,20 +192,19 @@ class MaPLe(CachedTextFeatures, ContextPromptModule):
     def __init__(self, model: nn.Module, classnames: Sequence[str], tokenizer=None, n_ctx: int = 2,
                  ctx_init: Optional[str] = "a photo of a", depth: int = 9, text_path: str = "auto",
                  seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
+        check_context_options(n_ctx, ctx_init)  # every option is checked before CLIP is touched
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1 (1 = shallow MaPLe), got {depth!r}")
+        check_seed(seed)
         super().__init__(model, tokenizer, text_path, freeze, capture)
         visual = check_vision_tower(model)
         tower = self.engine.tower
         names = clean_classnames(classnames)
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be an integer >= 1 (1 = shallow MaPLe), got {depth!r}")
         text_blocks, vision_blocks = len(tower.blocks), len(visual.transformer.resblocks)
         if depth > min(text_blocks, vision_blocks):
             raise ValueError(f"depth={depth} exceeds the model's blocks (text tower {text_blocks}, "
                              f"image tower {vision_blocks}); use depth <= {min(text_blocks, vision_blocks)}")
-        if 1 + n_ctx + 1 > tower.context_length:  # SOS + context + EOT
-            raise ValueError(f"n_ctx={n_ctx} does not fit the text context length {tower.context_length}")
+        check_n_ctx(n_ctx, tower.context_length)
         self.ctx_init, self.depth = ctx_init, depth
         self.vision_width = visual.class_embedding.shape[0]
         learner, phrase = self._build_learner(tower, n_ctx, ctx_init, depth, seed)
@@ -219,6 +228,10 @@ class MaPLe(CachedTextFeatures, ContextPromptModule):
         return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "depth": self.depth}
 
     # -- encoding -----------------------------------------------------------------------------
+
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        learner = self.prompt_learner  # the text side reads ctx and the deep text prompts, not the projections
+        return [learner.ctx, *learner.compound_prompts_text]
 
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text(self.text_path)

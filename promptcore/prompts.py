@@ -7,6 +7,9 @@ first ``n_ctx`` tokens after SOS are the learned context.
 
 from __future__ import annotations
 
+import math
+import numbers
+import unicodedata
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -36,6 +39,10 @@ def clean_classnames(classnames: Sequence[str]) -> List[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"class {i} has an empty or non-string name: {name!r}")
+        bad = next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)
+        if bad is not None:
+            raise ValueError(f"class {i} name {name!r} holds the control character {bad!r}; class names are "
+                             "single lines of printable text")
     return [name.replace("_", " ") for name in names]
 
 
@@ -135,14 +142,96 @@ def init_context(tower, tokenizer, ctx_init: Optional[str], n_ctx: int, shape_le
     """
     dtype = tower.dtype
     if ctx_init:
-        phrase = ctx_init.replace("_", " ")
+        phrase = init_phrase(ctx_init)
         n_ctx = len(phrase.split(" "))
+        phrase_tokens = count_tokens(tokenizer, phrase)
+        check_context_budget(phrase_tokens, tower.context_length, f"ctx_init={phrase!r}")
+        if phrase_tokens < n_ctx:  # a word the tokenizer drops: the last slots would land on the class name
+            raise ValueError(f"ctx_init={phrase!r} has {n_ctx} words but only {phrase_tokens} tokens; "
+                             "each word must give at least one token")
         ids = tokenize(tokenizer, [phrase], tower.context_length)
         with torch.no_grad():
             emb = tower.token_embedding(ids.to(tower.device)).to(dtype)
         return emb[0, 1:1 + n_ctx].clone(), n_ctx, phrase
-    if n_ctx < 1:
-        raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+    check_n_ctx(n_ctx, tower.context_length)
     ctx = torch.empty(*shape_lead, n_ctx, tower.width, dtype=torch.float32)
     torch.nn.init.normal_(ctx, std=std, generator=generator)
     return ctx.to(device=tower.device, dtype=dtype), n_ctx, " ".join(["X"] * n_ctx)
+
+
+# The fewest tokens a prompt needs besides its context: SOS, one class-name token, ".", EOT.
+PROMPT_OVERHEAD = 4
+
+
+def init_phrase(ctx_init) -> str:
+    """The init phrase of ``ctx_init`` (``_`` -> space, as officially), whitespace runs made one space:
+    each word is one context slot, so an empty word would shift the slots onto the class name."""
+    if not isinstance(ctx_init, str):
+        raise ValueError(f"ctx_init must be a phrase (a string) or None, got {type(ctx_init).__name__} {ctx_init!r}")
+    bad = next((ch for ch in ctx_init if unicodedata.category(ch) == "Cc" and not ch.isspace()), None)
+    if bad is not None:
+        raise ValueError(f"ctx_init {ctx_init!r} holds the control character {bad!r}")
+    phrase = " ".join(ctx_init.replace("_", " ").split())
+    if not phrase:
+        raise ValueError(f"ctx_init {ctx_init!r} holds no word; pass a phrase such as 'a photo of a', or None for a "
+                         "random context")
+    return phrase
+
+
+def check_context_budget(context_tokens: int, context_length: int, what: str) -> None:
+    """Raise unless ``context_tokens`` of context leave room for a class name in the tower's context."""
+    if context_tokens + PROMPT_OVERHEAD > context_length:
+        raise ValueError(f"{what} takes {context_tokens} tokens and leaves no room for class names in the "
+                         f"{context_length}-token context (at most {context_length - PROMPT_OVERHEAD} context tokens)")
+
+
+def check_n_ctx(n_ctx, context_length: int) -> int:
+    """``n_ctx`` if it is an integer >= 1 that leaves room for class names, else a ValueError naming it."""
+    n_ctx = check_integer("n_ctx", n_ctx, 1)
+    check_context_budget(n_ctx, context_length, f"n_ctx={n_ctx}")
+    return n_ctx
+
+
+def check_integer(name: str, value, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), > 0 with ``positive`` else >= 0;
+    otherwise a ValueError naming ``name``."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number {bound}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is a bool, else a ValueError naming ``name`` (0, 1 or "no" are not flags)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_seed(seed) -> None:
+    """Raise unless ``seed`` is None or an integer (not a bool)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None, got {type(seed).__name__} {seed!r}")
+
+
+def check_context_options(n_ctx, ctx_init) -> None:
+    """Type checks of the context options every prompt learner takes, before anything is built: ``n_ctx``
+    an integer >= 1 (checked even where an init phrase overrides it), ``ctx_init`` None, "" (no phrase, as
+    officially) or a phrase with at least one word."""
+    check_integer("n_ctx", n_ctx, 1)
+    if ctx_init is not None:
+        if not isinstance(ctx_init, str):
+            raise ValueError(f"ctx_init must be a phrase (a string) or None, got {type(ctx_init).__name__} "
+                             f"{ctx_init!r}")
+        if ctx_init:
+            init_phrase(ctx_init)

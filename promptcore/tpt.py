@@ -29,7 +29,6 @@ computed once (the encoder is frozen) and reused at every step; the official cod
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -46,7 +45,16 @@ from .meta_net import build_meta_net, image_feature_dim, meta_net_shapes
 from .models import square_image_size
 from .official import LearnerSpec, OfficialCheckpoint, read_context_source
 from .optim import BatchedAdamW
-from .prompts import CLASS_TOKEN_POSITIONS, clean_classnames, init_context
+from .prompts import (
+    CLASS_TOKEN_POSITIONS,
+    check_context_options,
+    check_flag,
+    check_integer,
+    check_number,
+    check_seed,
+    clean_classnames,
+    init_context,
+)
 from .selection import avg_entropy, check_fraction, kept_views, select_confident, zero_vote
 from .views import as_image_list, require_finite
 
@@ -140,8 +148,13 @@ class TPT(CachedTextFeatures, ContextPromptModule):
                  precision: Optional[str] = None, batch_size: int = 8, class_token_position: str = "end",
                  text_path: str = "auto", cocoop_meta_net: bool = False, meta_net_input: str = "raw",
                  image_batch: int = 256, seed: Optional[int] = None, freeze: bool = True, capture: str = "none"):
-        super().__init__(model, tokenizer, text_path, freeze, capture)
+        # every option is checked before CLIP is touched
+        check_context_options(n_ctx, ctx_init)
         _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch)
+        check_flag("augmix", augmix)
+        check_flag("cocoop_meta_net", cocoop_meta_net)
+        check_seed(seed)
+        super().__init__(model, tokenizer, text_path, freeze, capture)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"unknown class token position {class_token_position!r}; "
                              f"choose one of {', '.join(CLASS_TOKEN_POSITIONS)}")
@@ -250,6 +263,9 @@ class TPT(CachedTextFeatures, ContextPromptModule):
             bias = meta(feat.to(meta[0].weight.dtype))
         return (ctx.unsqueeze(0) + bias.float().unsqueeze(1)).contiguous()
 
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        return [self.prompt_learner.ctx]
+
     def _compute_text_features(self) -> torch.Tensor:
         return self.encode_text_groups(self.prompt_learner.ctx.unsqueeze(0))[0]
 
@@ -260,16 +276,14 @@ class TPT(CachedTextFeatures, ContextPromptModule):
 
         View 0 is the original image; its logits with the tuned context are the prediction.
         """
-        steps = self.steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        steps = self.steps if steps is None else check_integer("steps", steps, 1)
         feats = self.encode_views(views)
         return self.adapt_features(feats, steps=steps, text_path=text_path)
 
     def adapt_features(self, image_features: torch.Tensor, steps: Optional[int] = None,
                        text_path: Optional[str] = None) -> TPTOutput:
         """:meth:`adapt` from precomputed view features (N, V, E)."""
-        steps = self.steps if steps is None else steps
+        steps = self.steps if steps is None else check_integer("steps", steps, 1)
         if image_features.dim() != 3 or image_features.shape[1] < 2:
             raise ValueError(f"image features must be (N, V >= 2, E), got {tuple(image_features.shape)}")
         scale = self.model.logit_scale.detach()
@@ -421,33 +435,36 @@ class TPT(CachedTextFeatures, ContextPromptModule):
         return {**ckpt.info(), "method": ckpt.method}
 
     def load(self, path) -> Dict[str, Any]:
-        """Load a promptcore TPT prompt file (adds the meta-net first when the file holds one)."""
+        """Load a promptcore TPT prompt file; a file with a meta-net gives this TPT one. Every tensor is checked
+        against what this TPT will hold before anything changes: on any error the module is as it was."""
         tensors, meta = read_prompt_file(path)
-        if meta["method"] == self.method and any(k.startswith("meta_net.") for k in tensors) \
-                and self.prompt_learner.meta_net is None:
-            self._add_meta_net()
-        try:
-            return super().load(path)
-        except CheckpointError:
-            if meta["method"] == self.method and not any(k.startswith("meta_net.") for k in tensors):
-                self.prompt_learner.meta_net = None
-            raise
+        if meta["method"] != self.method:
+            raise CheckpointError(f"{path} holds {meta['method']} prompts, this module is {self.method}")
+        learner = self.prompt_learner
+        with_meta = learner.meta_net is not None or any(k.startswith("meta_net.") for k in tensors)
+        shapes = {"ctx": tuple(learner.ctx.shape)}
+        if with_meta:
+            tower = self.engine.tower
+            shapes.update(meta_net_shapes(image_feature_dim(self.model, tower.output_dim), tower.width))
+        state = LearnerSpec.of(self, shapes).check(tensors, path, strict=True)
+        if learner.meta_net is None and with_meta:
+            self._add_meta_net()  # only now that the file passed every check
+        with torch.no_grad():
+            for key, target in learner.state_dict().items():
+                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+        self.clear_cache()
+        return meta
 
 
 # -- validation helpers -------------------------------------------------------------------------
 
 
 def _check_options(n_views, selection, lr, steps, weight_decay, batch_size, image_batch) -> None:
-    if not isinstance(n_views, int) or isinstance(n_views, bool) or n_views < 2:
-        raise ValueError(f"n_views must be an integer >= 2 (view 0 plus augmented views), got {n_views!r}")
+    check_integer("n_views", n_views, 2)
     check_fraction(selection)
     kept_views(n_views, selection)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    for name, value in (("batch_size", batch_size), ("image_batch", image_batch)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_integer("steps", steps, 1)
+    check_number("lr", lr, positive=True)
+    check_number("weight_decay", weight_decay)
+    check_integer("batch_size", batch_size, 1)
+    check_integer("image_batch", image_batch, 1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import CachedTextFeatures, PromptModule
+from .base import CachedTextFeatures, PromptModule, tower_key
 from .checkpoints import CheckpointError, check_learned_tensor, read_prompt_file, save_prompt_file
 from .engine import PromptSet
 from .prompts import PromptTooLongError, clean_classnames, tokenize
@@ -134,7 +134,8 @@ class ZeroShot(CachedTextFeatures, PromptModule):
     ``zs.text_features()`` is the (n_cls, E) classifier equal to open_clip's
     ``build_zero_shot_classifier(model, tokenizer, classnames, templates).T``; ``zs(images)`` gives
     ``logit_scale.exp()`` x cosine logits. The classifier is built without gradients (as open_clip
-    builds it) and cached until the class list, the text path or the text tower's weights change.
+    builds it) and cached until the class list, the text path or the text tower's weights change (writes
+    through ``.data`` to those weights move no version counter: call :meth:`clear_cache` after them).
 
     Args:
         model: an open_clip ``CLIP`` / ``CustomTextCLIP`` (non-causal towers use the full-prompt path).
@@ -227,16 +228,10 @@ class ZeroShot(CachedTextFeatures, PromptModule):
     # -- the classifier ---------------------------------------------------------------------
 
     def _cache_key(self):
-        tower = self.engine.tower
-        tensors = [*tower.token_embedding.parameters(), *tower.transformer.parameters(), *tower.ln_final.parameters(),
-                   tower.positional_embedding]
-        proj = tower.text_projection
-        if isinstance(proj, nn.Module):
-            tensors.extend(proj.parameters())
-        elif proj is not None:
-            tensors.append(proj)
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors), self._classes_version, \
-            self.text_path
+        return tower_key(self.engine.tower), self._classes_version, self.text_path
+
+    def _learned_tensors(self) -> Sequence[torch.Tensor]:
+        return ()  # nothing learned; the tower's weights are keyed by version (see clear_cache)
 
     def _use_cache(self) -> bool:
         return True  # built without gradients, in any mode: only the class list, path or tower weights expire it
@@ -300,7 +295,7 @@ class ZeroShot(CachedTextFeatures, PromptModule):
         if tuple(classifier.shape) != want:
             raise CheckpointError(f"{path}: classifier has shape {tuple(classifier.shape)}, this model needs {want}")
         tower = self.engine.tower
-        self._text_cache = (self._cache_key(), classifier.to(device=tower.device, dtype=tower.dtype))
+        self._remember(self._cache_key(), classifier.to(device=tower.device, dtype=tower.dtype))
         return meta
 
     @classmethod

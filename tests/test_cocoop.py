@@ -378,7 +378,7 @@ def test_bad_input_is_named_and_changes_nothing():
         CoCoOp(model, ["dog", long_name])
     with pytest.raises(ValueError, match="empty"):
         CoCoOp(model, [])
-    with pytest.raises(ValueError, match="n_ctx must be at least 1"):
+    with pytest.raises(ValueError, match="n_ctx must be an integer >= 1"):
         CoCoOp(model, ["dog"], n_ctx=0, ctx_init=None)
     with pytest.raises(ValueError, match="unknown text path"):
         CoCoOp(model, ["dog"], text_path="quick")
