@@ -222,7 +222,7 @@ def _serve(args) -> int:
     # build once here: a bad checkpoint, class file or model fails now with its own message, not in a replica
     build_module(spec)
     return serve_forever(spec, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-                         log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+                         name=args.name, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
     serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
     serve.add_argument("--address", default=None,
-                       help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
+                       help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a private one "
+                            "(without it RAY_ADDRESS and `ray start` clusters are ignored)")
+    serve.add_argument("--name", default="promptcore",
+                       help="Serve application name (with --address: refused if the cluster already runs one)")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -96,7 +96,36 @@ def test_batched_requests_equal_one_at_a_time(coop_classifier):
     assert clf.stats["max_batch_requests"] >= 3 and clf.stats["max_batch_images"] >= 6
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds no pixel data (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def npy_header(shape, descr="<f4", data=b"") -> bytes:
+    """An .npy header declaring ``shape`` followed by ``data`` (which need not match it)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue() + data
+
+
 BAD_REQUESTS = [
+    ("decompression bomb", png_header(20000, 20000), "image/png", 413, "larger than the limit of 4096 pixels"),
+    ("deep JSON", b'{"images": ' + b"[" * 100000 + b"]" * 100000 + b"}", "application/json", 400,
+     "nested too deeply"),
+    ("npy declares 4e12 images", npy_header((4_000_000_000_000, 3, 32, 32)), "application/x-npy", 413,
+     "--max-batch (8)"),
+    ("npy declares huge images", npy_header((1, 3, 10**6, 10**6)), "application/x-npy", 413,
+     "exceed the limit of 4096 pixels"),
+    ("npy data shorter than its header", npy_header((2, 3, 32, 32), data=bytes(3 * 32 * 32 * 4)), "application/x-npy",
+     400, "declares shape (2, 3, 32, 32) (24576 bytes of data) but the body carries 12288 bytes"),
+    ("npy object dtype", npy_header((1, 3, 32, 32), descr="|O"), "application/x-npy", 400, "must be float32"),
     ("wrong shape", npy(np.zeros((1, 3, 16, 16), np.float32)), "application/x-npy", 400, "the model expects (32, 32)"),
     ("no channel axis", npy(np.zeros((3, 32, 32), np.float32)), "application/x-npy", 400, "(N, 3, H, W)"),
     ("wrong dtype", npy(np.zeros((1, 3, 32, 32), np.int64)), "application/x-npy", 400, "float32, got int64"),
@@ -138,6 +167,45 @@ def test_bad_options_and_overload():
     assert info.value.status == 503 and clf.stats["overloaded"] == 1
     clf.release()
     clf.admit()  # room again
+
+
+def test_body_size_checked_before_reading():
+    import asyncio
+
+    read = []
+
+    async def chunks(parts):
+        for part in parts:
+            read.append(len(part))
+            yield part
+
+    def body(headers, parts, limit=100):
+        return asyncio.run(promptcore.serve.read_body(headers, chunks(parts), limit))
+
+    with pytest.raises(RequestError, match=r"is 10000000 bytes \(Content-Length\), the limit is 100") as info:
+        body({"content-length": "10000000"}, [b"x" * 60] * 3)
+    assert info.value.status == 413 and read == []  # refused on the header: nothing read
+    with pytest.raises(RequestError, match="over 100 bytes") as info:
+        body({}, [b"x" * 60] * 5)  # chunked, no Content-Length: cut off at the limit
+    assert info.value.status == 413 and read == [60, 60]
+    with pytest.raises(RequestError, match="Content-Length is not a number: 'lots'"):
+        body({"content-length": "lots"}, [b"x"])
+    assert body({"content-length": "6"}, [b"abc", b"def"]) == b"abcdef"
+
+
+def test_shutdown_stops_admitting_but_keeps_admitted_requests():
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES[:3], n_ctx=4, seed=0).eval()
+    clf = Classifier(coop, ServeSpec(method="coop", model="tiny", classnames=MIXED_NAMES[:3], checkpoint="x"))
+    clf.admit()
+    item = clf.parse(npy(np.zeros((1, 3, 32, 32), np.float32)), "application/x-npy")
+    assert clf.stop_admitting() == 1  # one request still in flight
+    with pytest.raises(RequestError, match="shutting down") as info:
+        clf.admit()
+    assert info.value.status == 503
+    (out,) = clf.run_batch([item])  # the admitted request still gets its answer
+    assert len(out["logits"][0]) == 3
+    clf.release()
+    assert clf.pending == 0
 
 
 def test_spec_errors_name_the_problem():
