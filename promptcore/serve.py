@@ -438,8 +438,9 @@ async def read_body(headers, chunks, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def make_app(spec: ServeSpec, replicas: int = 1):
-    """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas)."""
+def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
+    """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas); closing
+    ``gate`` (a :class:`Gate` actor) makes its replicas stop admitting requests."""
     import asyncio
 
     from ray import serve
@@ -454,21 +455,31 @@ def make_app(spec: ServeSpec, replicas: int = 1):
                       graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=60,
                       max_constructor_retry_count=1)
     class PromptcoreDeployment:
-        def __init__(self, spec_fields: Dict[str, Any]):
+        def __init__(self, spec_fields: Dict[str, Any], gate=None):
             replica_spec = ServeSpec(**spec_fields)
             if replica_spec.device == "cpu":
                 torch.set_num_threads(max(1, int(replica_spec.num_cpus)))
             self.classifier = Classifier(build_module(replica_spec), replica_spec)
+            if gate is not None:
+                threading.Thread(target=self._watch_gate, args=(gate,), daemon=True).start()
+
+        def _watch_gate(self, gate) -> None:
+            import ray
+
+            me, clf = f"{os.getpid()}:{id(self)}", self.classifier
+            while True:
+                try:
+                    if ray.get(gate.poll.remote(me, clf.draining, clf.pending), timeout=10):
+                        clf.stop_admitting()
+                except Exception:  # noqa: BLE001 - the driver is gone or busy: keep serving, ask again
+                    pass
+                time.sleep(0.1)
 
         @serve.batch(max_batch_size=spec.max_batch, batch_wait_timeout_s=spec.batch_wait_s,
                      batch_size_fn=lambda items: sum(item.count for item in items))
         async def infer(self, items: List[Item]) -> List[Dict[str, Any]]:
             # a worker thread, so the event loop keeps queueing requests for the next batch meanwhile
             return await asyncio.get_running_loop().run_in_executor(None, self.classifier.run_batch, items)
-
-        async def drain(self) -> Dict[str, Any]:
-            """Shutdown's first step (called by the driver through a handle): stop admitting."""
-            return {"replica": f"{os.getpid()}:{id(self)}", "pending": self.classifier.stop_admitting()}
 
         async def __call__(self, request):
             path = request.url.path.rstrip("/") or "/"
@@ -499,7 +510,7 @@ def make_app(spec: ServeSpec, replicas: int = 1):
             finally:
                 self.classifier.release()
 
-    return PromptcoreDeployment.bind(asdict(spec))
+    return PromptcoreDeployment.bind(asdict(spec), gate)
 
 
 @contextlib.contextmanager
@@ -536,31 +547,52 @@ def _check_joined_cluster(name: str, host: str, port: int) -> None:
         raise RuntimeError(f"an application named {name!r} already runs on this cluster; pass another --name")
 
 
-def _drain(name: str, replicas: int, log, timeout_s: float = 60.0) -> int:
-    """Stop admitting on every replica, then wait until none holds a request (0.5 s quiet), so requests in
-    flight get their answers before the engine goes; the number of replicas reached."""
-    from ray import serve
+class Gate:
+    """Shutdown's switch, a small Ray actor: the driver closes it, every replica polls it (and reports its
+    requests in flight). Ray core only: a Serve handle in the driver leaves a router thread polling the
+    stopped controller, and the process aborts at exit."""
 
-    handle = serve.get_app_handle(name)
-    pending: Dict[str, int] = {}
-    quiet_since = None
+    def __init__(self):
+        self.closed = False
+        self.replicas: Dict[str, List] = {}  # replica -> [stopped admitting, requests in flight]
+
+    def poll(self, replica: str, stopped: bool, pending: int) -> bool:
+        self.replicas[replica] = [stopped, pending]
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def report(self) -> Dict[str, List]:
+        return dict(self.replicas)
+
+
+def _start_gate():
+    import ray
+
+    return ray.remote(num_cpus=0)(Gate).remote()
+
+
+def _drain(gate, replicas: int, log, timeout_s: float = 60.0) -> int:
+    """Close the gate (replicas stop admitting: 503), then wait until every replica has stopped admitting and
+    holds no request for 0.5 s, so requests in flight get their answers; the number of replicas drained."""
+    import ray
+
+    ray.get(gate.close.remote())
+    quiet_since, drained = None, 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            state = handle.drain.remote().result(timeout_s=10)
-            pending[state["replica"]] = state["pending"]
-        except Exception as exc:  # noqa: BLE001 - a replica busy or gone: ask again until the deadline
-            log(f"promptcore serve: drain call failed ({type(exc).__name__}); retrying", flush=True)
-        if len(pending) >= replicas and not any(pending.values()):
+        states = ray.get(gate.report.remote()).values()
+        drained = sum(1 for stopped, pending in states if stopped and not pending)
+        if drained >= replicas and not any(stopped and pending for stopped, pending in states):
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since >= 0.5:  # the last answers on their way back through the proxy
-                break
+                return drained
         else:
             quiet_since = None
         time.sleep(0.05)
-    else:
-        log(f"promptcore serve: requests still pending after {timeout_s:.0f} s: {pending}", flush=True)
-    return len(pending)
+    log(f"promptcore serve: requests still in flight after {timeout_s:.0f} s; stopping anyway", flush=True)
+    return drained
 
 
 def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
@@ -581,7 +613,11 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
         os.environ.setdefault(var, "2")
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}  # before ray.init: see below
+
+    def request_stop(*_):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in signals}  # before ray.init: see below
     owned = address is None
     if owned:
         os.environ.pop("RAY_ADDRESS", None)  # nothing may redirect our private cluster (Ray's processes included)
@@ -592,6 +628,8 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
         with _ray_keeps_our_sigterm_handler():
             ray.init(address=address or "local", include_dashboard=False, namespace=APP_NAME, log_to_driver=False,
                      configure_logging=False)
+        for sig in signals:  # again: Ray's core worker put a C-level failure handler over ours, which aborts (-6)
+            signal.signal(sig, request_stop)
         try:
             if stop.is_set():
                 log("promptcore serve: stopped during start-up", flush=True)
@@ -601,7 +639,8 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
             serve.start(http_options={"host": host, "port": port})
             deployed, t0 = False, time.perf_counter()
             try:
-                serve.run(make_app(spec, replicas), name=name, route_prefix="/")
+                gate = _start_gate()
+                serve.run(make_app(spec, replicas, gate), name=name, route_prefix="/")
                 deployed = True
                 from ray.serve.context import _get_global_client
 
@@ -613,7 +652,7 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
                     pass
                 log("promptcore serve: shutting down (no new requests; finishing requests in flight)", flush=True)
                 t0 = time.perf_counter()
-                reached = _drain(name, replicas, log)
+                reached = _drain(gate, replicas, log)
                 log(f"promptcore serve: drained {reached} replica(s) in {time.perf_counter() - t0:.1f} s", flush=True)
             finally:
                 if owned:
