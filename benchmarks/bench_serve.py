@@ -93,7 +93,7 @@ def baseline_app(spec_fields: dict):
     import asyncio
     import threading
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
     from promptcore.serve import RequestError, build_module
@@ -108,12 +108,12 @@ def baseline_app(spec_fields: dict):
         with model_lock:
             return classifier.run_batch([item])[0]
 
-    @app.get("/ready")
-    async def ready():
-        return classifier.info()
+    # plain request handlers (add_route): FastAPI cannot resolve a local Request annotation under
+    # ``from __future__ import annotations``
+    async def ready(request):
+        return JSONResponse(classifier.info())
 
-    @app.post("/classify")
-    async def classify(request: Request):
+    async def classify(request):
         try:
             item = await asyncio.to_thread(classifier.parse, await request.body(),
                                            request.headers.get("content-type", ""), dict(request.query_params))
@@ -121,6 +121,8 @@ def baseline_app(spec_fields: dict):
         except RequestError as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    app.add_route("/ready", ready, methods=["GET"])
+    app.add_route("/classify", classify, methods=["POST"])
     return app
 
 
@@ -220,6 +222,8 @@ def run(args) -> list:
                 ref = coop(torch.from_numpy(floats[0]).to(device)).float().cpu().numpy()
             for url in (ray_url, fastapi_url):
                 status, out = _post(url + "/classify", npy[0], "application/x-npy")
+                if status != 200:
+                    raise RuntimeError(f"{url} answered {status}: {out}")
                 err = float(np.abs(np.array(out["logits"]) - ref).max() / np.abs(ref).max())
                 if status != 200 or err > 1e-4:
                     raise RuntimeError(f"{url} answer differs from in-process ({status}, scaled error {err:.1e})")

@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32, help="images per forward pass (and per request)")
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="longest wait for requests still being read or decoded (queued ones never wait)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests queued or running per replica before new ones get 503 overloaded")
     serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image accepted (pixels)")

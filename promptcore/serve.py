@@ -10,12 +10,12 @@ and then imports the host's 3.11.7 standard library, whose ``multiprocessing.res
 calls an RLock method that 3.11.2's C code lacks. Putting the host's
 ``sysconfig.get_config_var("LIBDIR")`` first on ``LD_LIBRARY_PATH`` fixes that one, but not the
 numpy pin, nor interpreters built without a shared libpython. Ray Serve installs from PyPI on
-every Python promptcore supports, batches with ``@serve.batch`` and scales to replicas and clusters.
+every Python promptcore supports and scales to replicas and clusters.
 
 Data path: HTTP request -> Ray's proxy -> a replica's ``__call__``, which parses and validates
-the request (bad requests are answered there and never reach a batch) -> ``@serve.batch`` groups
-requests up to ``max_batch`` images -> one forward pass of the module in a worker thread ->
-responses split per request.
+the request (bad requests are answered there and never reach a batch) -> :class:`Batcher` takes
+every queued request up to ``max_batch`` images -> one forward pass of the module on the replica's
+model thread -> responses split per request.
 """
 
 from __future__ import annotations
@@ -404,6 +404,14 @@ class Classifier:
             out.append(self.response(part, item.top_k))
         return out
 
+    def stats_snapshot(self) -> Dict[str, Any]:
+        """The counters, requests in flight and the mean requests per forward pass (how well batching works)."""
+        with self._lock:
+            stats = json.loads(json.dumps(self.stats))
+            stats["pending"] = self.pending
+        stats["mean_batch_requests"] = stats["requests"] / stats["batches"] if stats["batches"] else 0.0
+        return stats
+
     def response(self, logits: torch.Tensor, top_k: int) -> Dict[str, Any]:
         """Logits and the top-k labels with their softmax probabilities."""
         probs = logits.softmax(dim=-1)
@@ -438,6 +446,71 @@ async def read_body(headers, chunks, limit: int) -> bytes:
     return b"".join(parts)
 
 
+class Batcher:
+    """Dynamic batching on one replica's event loop: whenever the model is free, one forward pass takes
+    every request already queued (up to ``max_batch`` images). It waits (at most ``max_wait_s``) only while
+    other requests are still being read or decoded, so a lone request never waits. The forward passes run
+    on one model thread of their own; decoding stays on the event loop's default thread pool."""
+
+    def __init__(self, classifier: Classifier, max_wait_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.classifier, self.max_wait_s = classifier, max_wait_s
+        self.arriving = 0  # admitted requests still being read or parsed: worth waiting for
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="promptcore-model")
+        self._queue = None
+        self._task = None
+
+    async def submit(self, item: Item) -> Dict[str, Any]:
+        """The response to ``item``, computed in some batch."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run())
+        future = loop.create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        import asyncio
+
+        loop, carry, limit = asyncio.get_running_loop(), None, self.classifier.spec.max_batch
+        while True:
+            batch = [carry or await self._queue.get()]
+            carry, images, deadline = None, batch[0][0].count, loop.time() + self.max_wait_s
+            while images < limit:
+                if not self._queue.empty():
+                    entry = self._queue.get_nowait()
+                elif self.arriving > 0 and loop.time() < deadline:
+                    try:
+                        entry = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    break
+                if images + entry[0].count > limit:
+                    carry = entry  # first in the next batch
+                    break
+                batch.append(entry)
+                images += entry[0].count
+            batch = [(item, future) for item, future in batch if not future.done()]  # cancelled: client gone
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self.classifier.run_batch,
+                                                     [item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every request of the batch learns why
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
 def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
     """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas); closing
     ``gate`` (a :class:`Gate` actor) makes its replicas stop admitting requests."""
@@ -460,6 +533,7 @@ def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
             if replica_spec.device == "cpu":
                 torch.set_num_threads(max(1, int(replica_spec.num_cpus)))
             self.classifier = Classifier(build_module(replica_spec), replica_spec)
+            self.batcher = Batcher(self.classifier, replica_spec.batch_wait_s)
             if gate is not None:
                 threading.Thread(target=self._watch_gate, args=(gate,), daemon=True).start()
 
@@ -475,19 +549,13 @@ def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
                     pass
                 time.sleep(0.1)
 
-        @serve.batch(max_batch_size=spec.max_batch, batch_wait_timeout_s=spec.batch_wait_s,
-                     batch_size_fn=lambda items: sum(item.count for item in items))
-        async def infer(self, items: List[Item]) -> List[Dict[str, Any]]:
-            # a worker thread, so the event loop keeps queueing requests for the next batch meanwhile
-            return await asyncio.get_running_loop().run_in_executor(None, self.classifier.run_batch, items)
-
         async def __call__(self, request):
             path = request.url.path.rstrip("/") or "/"
             if request.method == "GET":
                 if path in ("/health", "/ready"):
                     return JSONResponse(self.classifier.info())
                 if path == "/stats":
-                    return JSONResponse({**self.classifier.stats, "pending": self.classifier.pending})
+                    return JSONResponse(self.classifier.stats_snapshot())
                 return JSONResponse({"error": f"no GET route {path}; use /health, /ready or /stats"}, status_code=404)
             if request.method != "POST" or path not in ("/", "/classify"):
                 return JSONResponse({"error": f"use POST /classify (got {request.method} {path})"}, status_code=404)
@@ -496,12 +564,16 @@ def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
             except RequestError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             try:
-                body = await read_body(request.headers, request.stream(), self.classifier.spec.max_body_bytes)
-                # decoding and preprocessing off the event loop, so other requests keep arriving
-                item = await asyncio.get_running_loop().run_in_executor(
-                    None, self.classifier.parse, body, request.headers.get("content-type", ""),
-                    dict(request.query_params))
-                result = await self.infer(item)
+                self.batcher.arriving += 1
+                try:
+                    body = await read_body(request.headers, request.stream(), self.classifier.spec.max_body_bytes)
+                    # decoding and preprocessing off the event loop and the model's thread
+                    item = await asyncio.get_running_loop().run_in_executor(
+                        None, self.classifier.parse, body, request.headers.get("content-type", ""),
+                        dict(request.query_params))
+                finally:
+                    self.batcher.arriving -= 1
+                result = await self.batcher.submit(item)
                 return JSONResponse({"method": self.classifier.spec.method, **result})
             except RequestError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)

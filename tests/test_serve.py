@@ -656,3 +656,50 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def test_batcher_takes_every_queued_request_and_waits_only_for_arriving_ones():
+    import asyncio
+
+    from promptcore.serve import Batcher
+
+    coop = promptcore.CoOp(make_model(), MIXED_NAMES, n_ctx=4, seed=0).eval()
+    clf = Classifier(coop, ServeSpec(method="coop", model="tiny", classnames=MIXED_NAMES, checkpoint="x",
+                                     max_batch=8))
+    bodies = [npy(torch.randn(1 + i % 3, 3, 32, 32, generator=torch.Generator().manual_seed(i)).numpy())
+              for i in range(12)]
+    alone = [clf.run_batch([clf.parse(b, "application/x-npy")])[0] for b in bodies]
+    clf.stats.update(batches=0, requests=0, max_batch_images=0, max_batch_requests=0)
+
+    async def queued():  # twelve requests queued at once: batches as full as --max-batch allows, none waits
+        batcher = Batcher(clf, max_wait_s=30.0)
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(batcher.submit(clf.parse(b, "application/x-npy")) for b in bodies))
+        return out, time.monotonic() - t0
+
+    out, seconds = asyncio.run(queued())
+    for got, want in zip(out, alone):
+        assert scaled_error(got["logits"], want["logits"]) < 1e-5
+    stats = clf.stats_snapshot()
+    assert seconds < 10 and stats["max_batch_images"] <= 8 and stats["batches"] <= 4  # 24 images, 8 a batch
+    assert stats["mean_batch_requests"] == 12 / stats["batches"] >= 3
+
+    async def arriving():  # a request still being parsed is waited for (up to max_wait_s): one batch
+        batcher = Batcher(clf, max_wait_s=30.0)
+        batcher.arriving += 1
+        first = asyncio.ensure_future(batcher.submit(clf.parse(bodies[0], "application/x-npy")))
+        await asyncio.sleep(0.2)
+        batcher.arriving -= 1
+        await batcher.submit(clf.parse(bodies[1], "application/x-npy"))
+        await first
+
+    before = clf.stats_snapshot()["batches"]
+    asyncio.run(arriving())
+    assert clf.stats_snapshot()["batches"] == before + 1
+
+    async def lone():  # nothing arriving: no wait at all, whatever max_wait_s says
+        t0 = time.monotonic()
+        await Batcher(clf, max_wait_s=30.0).submit(clf.parse(bodies[0], "application/x-npy"))
+        return time.monotonic() - t0
+
+    assert asyncio.run(lone()) < 10
