@@ -526,6 +526,7 @@ def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
                       max_queued_requests=spec.max_queue,
                       ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.gpus_per_replica()},
                       graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=60,
+                      logging_config={"enable_access_log": False},  # a log line per request costs the replica
                       max_constructor_retry_count=1)
     class PromptcoreDeployment:
         def __init__(self, spec_fields: Dict[str, Any], gate=None):
@@ -708,9 +709,9 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
                 return 0
             if not owned:
                 _check_joined_cluster(name, host, port)
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
             deployed, t0 = False, time.perf_counter()
-            try:
+            try:  # from here on, an app called `name` on this cluster is ours (checked above)
                 gate = _start_gate()
                 serve.run(make_app(spec, replicas, gate), name=name, route_prefix="/")
                 deployed = True
@@ -729,7 +730,7 @@ def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, ad
             finally:
                 if owned:
                     serve.shutdown()
-                elif deployed or name in serve.status().applications:
+                else:
                     serve.delete(name)  # only what this process deployed: the cluster's other apps keep running
             log(f"promptcore serve: stopped in {time.perf_counter() - t0:.1f} s" if deployed else
                 "promptcore serve: stopped", flush=True)

@@ -475,6 +475,9 @@ def test_server_end_to_end(server):
         (b"\x00not an image", "image/png", 400, "not a decodable image"),
         (encode(random_rgb(100, 100, 9), "PNG"), "image/png", 413, "more than the limit of 4096"),
         (npy(np.zeros((0, 3, 32, 32), np.float32)), "application/x-npy", 400, "empty batch"),
+        (png_header(20000, 20000), "image/png", 413, "larger than the limit of 4096 pixels"),
+        (b'{"images": ' + b"[" * 100000 + b"]" * 100000 + b"}", "application/json", 400, "nested too deeply"),
+        (npy_header((4_000_000_000_000, 3, 32, 32)), "application/x-npy", 413, "--max-batch (16)"),
     ]:
         status, out = _http(url + "/classify", body, kind)
         assert status == code and message in out["error"], out
@@ -589,6 +592,22 @@ def test_server_lifecycle_owns_only_what_it_started(monkeypatch, address):
     assert fake.calls.index("drain") < stops[0]  # drained before Serve stops
     assert any("ready on http://127.0.0.1:8123/classify" in m for m in logged)
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handlers restored
+
+
+def test_refused_joined_cluster_keeps_its_app(monkeypatch):
+    from ray import serve
+
+    from promptcore.serve import serve_forever
+
+    if not _engine_available():
+        pytest.skip(f"Ray Serve does not install on {sys.platform}")
+    fake = FakeRay(monkeypatch)
+    monkeypatch.setattr(serve, "status", lambda: type("Status", (), {"applications": {"mine": None}}))
+    spec = ServeSpec(method="coop", model="tiny", classnames=["a"], checkpoint="x")
+    with pytest.raises(RuntimeError, match="an application named 'mine' already runs"):
+        serve_forever(spec, port=8123, address="10.0.0.1:6379", name="mine", log=lambda *a, **k: None)
+    assert [c for c in fake.calls if c[0] in ("serve.start", "serve.run", "serve.delete")] == []  # untouched
+    assert "serve.shutdown" not in fake.calls and fake.calls[-1] == "ray.shutdown"
 
 
 def test_sigterm_during_ray_init_stops_cleanly(monkeypatch):
