@@ -493,14 +493,14 @@ def test_server_end_to_end(server):
     returncode = server["proc"].wait(timeout=180)
     server["log"].seek(0)
     text = server["log"].read()
-    assert returncode == 0, text[-4000:]
-    assert "shutting down" in text and "drained 1 replica(s)" in text and "stopped in" in text, text[-3000:]
     bad = [o for o in outcomes if o[2] not in ("ok", "refused", "port closed")]
-    assert not bad, bad[:5]
+    assert not bad, f"{len(bad)} of {len(outcomes)} requests dropped, e.g. {bad[:3]}"
     assert all(o[0] > signalled for o in outcomes if o[2] == "port closed")  # only requests sent after SIGTERM
     in_flight = [o for o in outcomes if o[0] < signalled < o[1]]
     # in flight at the signal: answered (or refused if still in Ray's proxy when admission stopped)
     assert all(o[2] in ("ok", "refused") for o in in_flight) and any(o[2] == "ok" for o in in_flight), in_flight
+    assert returncode == 0, text[-4000:]
+    assert "shutting down" in text and "drained 1 replica(s)" in text and "stopped in" in text, text[-3000:]
 
 
 def test_cli_serve_refuses_bad_arguments_before_starting(capsys):
