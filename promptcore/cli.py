@@ -241,7 +241,7 @@ def _serve(args) -> int:
     # build once here: a bad checkpoint, class file or model fails now with its own message, not in a replica
     build_module(spec)
     return serve_forever(spec, host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-                         log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+                         name=args.name, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP address (0.0.0.0 to listen on every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=32, help="images per forward pass (and per request)")
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="longest wait for requests still being read or decoded (queued ones never wait)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests queued or running per replica before new ones get 503 overloaded")
     serve.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image accepted (pixels)")
@@ -362,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (also its torch threads)")
     serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 with a cuda device)")
     serve.add_argument("--address", default=None,
-                       help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a local one")
+                       help="join a running Ray cluster (e.g. auto or HEAD:6379) instead of starting a private one "
+                            "(without it RAY_ADDRESS and `ray start` clusters are ignored)")
+    serve.add_argument("--name", default="promptcore",
+                       help="Serve application name (with --address: refused if the cluster already runs one)")
     serve.set_defaults(func=_serve)
     return parser
 

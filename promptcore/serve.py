@@ -10,17 +10,18 @@ and then imports the host's 3.11.7 standard library, whose ``multiprocessing.res
 calls an RLock method that 3.11.2's C code lacks. Putting the host's
 ``sysconfig.get_config_var("LIBDIR")`` first on ``LD_LIBRARY_PATH`` fixes that one, but not the
 numpy pin, nor interpreters built without a shared libpython. Ray Serve installs from PyPI on
-every Python promptcore supports, batches with ``@serve.batch`` and scales to replicas and clusters.
+every Python promptcore supports and scales to replicas and clusters.
 
 Data path: HTTP request -> Ray's proxy -> a replica's ``__call__``, which parses and validates
-the request (bad requests are answered there and never reach a batch) -> ``@serve.batch`` groups
-requests up to ``max_batch`` images -> one forward pass of the module in a worker thread ->
-responses split per request.
+the request (bad requests are answered there and never reach a batch) -> :class:`Batcher` takes
+every queued request up to ``max_batch`` images -> one forward pass of the module on the replica's
+model thread -> responses split per request.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -164,6 +165,7 @@ class Classifier:
             fill_color=cfg.get("fill_color", 0))
         self.device = next(module.model.parameters()).device
         self.pending = 0
+        self.draining = False  # set once at shutdown: admit() refuses, requests already admitted finish
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_requests": 0, "max_batch_images": 0,
                       "batch_requests_histogram": {}, "rejected": 0, "overloaded": 0}
@@ -171,8 +173,11 @@ class Classifier:
     # -- admission ----------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Count a request in, or refuse it when ``max_queue`` requests are already waiting or running."""
+        """Count a request in, or refuse it when ``max_queue`` requests are already waiting or running, or
+        once the server is shutting down."""
         with self._lock:
+            if self.draining:
+                raise RequestError(503, "the server is shutting down: no new requests (those in flight finish)")
             if self.pending >= self.spec.max_queue:
                 self.stats["overloaded"] += 1
                 raise RequestError(503, f"overloaded: {self.pending} requests are queued or running on this "
@@ -182,6 +187,12 @@ class Classifier:
     def release(self) -> None:
         with self._lock:
             self.pending -= 1
+
+    def stop_admitting(self) -> int:
+        """Refuse every later request (503); the number of requests still queued or running."""
+        with self._lock:
+            self.draining = True
+            return self.pending
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -206,6 +217,8 @@ class Classifier:
                 payload = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+            except RecursionError:
+                raise RequestError(400, "the JSON body is nested too deeply") from None
             if not isinstance(payload, dict):
                 raise RequestError(400, 'the JSON body must be an object with "images" or "encoded"')
             top_k = payload.get("top_k", top_k)
@@ -218,13 +231,7 @@ class Classifier:
             else:
                 images = self._encoded_list(payload["encoded"])
         elif kind in ("application/x-npy", "application/npy"):
-            import numpy as np
-
-            try:
-                array = np.load(io.BytesIO(body), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise RequestError(400, f"request body is not a readable .npy array: {exc}") from exc
-            images = self._float_images(array)
+            images = self._float_images(self._npy_array(body))
         elif kind in ENCODED_TYPES or kind.startswith("image/"):
             images = self._encoded_list([body], raw=True)
         else:
@@ -251,13 +258,45 @@ class Classifier:
             raise RequestError(400, f"{name} must be an integer >= {low}, got {value!r}")
         return number
 
+    def _npy_array(self, body: bytes):
+        """The array of an .npy body, its header checked against the limits and the body's size before any
+        allocation (``np.load`` would allocate whatever shape a 200-byte header declares)."""
+        import numpy as np
+        from numpy.lib import format as npy_format
+
+        stream = io.BytesIO(body)
+        try:
+            version = npy_format.read_magic(stream)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(stream)
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
+            raise RequestError(400, f"request body is not a readable .npy array: {exc}") from exc
+        if dtype != np.float32:
+            raise RequestError(400, f"images must be float32, got {dtype}")
+        if len(shape) != 4 or shape[1] != 3:
+            raise RequestError(400, f"images must be (N, 3, H, W), got shape {tuple(shape)}")
+        self._check_count(shape[0])
+        self._check_pixels(shape[2], shape[3])
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        data = body[stream.tell():]
+        if len(data) != expected:
+            raise RequestError(400, f"the .npy header declares shape {tuple(shape)} ({expected} bytes of data) but the "
+                                    f"body carries {len(data)} bytes")
+        array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+        return np.array(array, order="C")  # a writable copy: torch shares its memory
+
+    def _check_pixels(self, height: int, width: int) -> None:
+        if height * width > self.spec.max_image_pixels:
+            raise RequestError(413, f"images of {height}x{width} pixels exceed the limit of "
+                                    f"{self.spec.max_image_pixels} pixels")
+
     @staticmethod
     def _json_array(value):
         import numpy as np
 
         try:
             array = np.asarray(value)
-        except ValueError as exc:  # ragged nesting
+        except (ValueError, RecursionError) as exc:  # ragged or too deep nesting
             raise RequestError(400, f'"images" is not a rectangular array: {exc}') from exc
         if array.dtype.kind not in "fiu" or array.dtype == bool:
             raise RequestError(400, f'"images" must hold numbers, got {array.dtype} values')
@@ -281,9 +320,7 @@ class Classifier:
         if not self.is_tpt and tuple(array.shape[2:]) != self.image_size:
             raise RequestError(400, f"images are {tuple(array.shape[2:])} pixels, the model expects "
                                     f"{self.image_size} (send preprocessed images, or JPEG/PNG bytes)")
-        if array.shape[2] * array.shape[3] > self.spec.max_image_pixels:
-            raise RequestError(413, f"images of {array.shape[2]}x{array.shape[3]} pixels exceed the limit of "
-                                    f"{self.spec.max_image_pixels} pixels")
+        self._check_pixels(array.shape[2], array.shape[3])
         if not np.isfinite(array).all():
             raise RequestError(400, "images hold NaN or infinite values")
         if self.is_tpt and (array.min() < 0 or array.max() > 1):
@@ -315,6 +352,9 @@ class Classifier:
 
         try:
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        except Image.DecompressionBombError as exc:  # PIL's own bound, checked in open() before ours
+            raise RequestError(413, f"image {index} is larger than the limit of {self.spec.max_image_pixels} "
+                                    f"pixels ({exc})") from exc
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise RequestError(400, f"image {index} is not a decodable image (JPEG, PNG, ...): {exc}") from exc
         width, height = img.size
@@ -364,6 +404,14 @@ class Classifier:
             out.append(self.response(part, item.top_k))
         return out
 
+    def stats_snapshot(self) -> Dict[str, Any]:
+        """The counters, requests in flight and the mean requests per forward pass (how well batching works)."""
+        with self._lock:
+            stats = json.loads(json.dumps(self.stats))
+            stats["pending"] = self.pending
+        stats["mean_batch_requests"] = stats["requests"] / stats["batches"] if stats["batches"] else 0.0
+        return stats
+
     def response(self, logits: torch.Tensor, top_k: int) -> Dict[str, Any]:
         """Logits and the top-k labels with their softmax probabilities."""
         probs = logits.softmax(dim=-1)
@@ -378,8 +426,94 @@ class Classifier:
                 "max_batch": self.spec.max_batch, "max_queue": self.spec.max_queue, "device": str(self.device)}
 
 
-def make_app(spec: ServeSpec, replicas: int = 1):
-    """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas)."""
+async def read_body(headers, chunks, limit: int) -> bytes:
+    """A request body of at most ``limit`` bytes: a larger ``Content-Length`` is refused before reading,
+    and a body without one (chunked) is cut off as soon as it passes the limit."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise RequestError(400, f"Content-Length is not a number: {declared!r}") from None
+        if length > limit:
+            raise RequestError(413, f"request body is {length} bytes (Content-Length), the limit is {limit}")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over {limit} bytes, the limit")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class Batcher:
+    """Dynamic batching on one replica's event loop: whenever the model is free, one forward pass takes
+    every request already queued (up to ``max_batch`` images). It waits (at most ``max_wait_s``) only while
+    other requests are still being read or decoded, so a lone request never waits. The forward passes run
+    on one model thread of their own; decoding stays on the event loop's default thread pool."""
+
+    def __init__(self, classifier: Classifier, max_wait_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.classifier, self.max_wait_s = classifier, max_wait_s
+        self.arriving = 0  # admitted requests still being read or parsed: worth waiting for
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="promptcore-model")
+        self._queue = None
+        self._task = None
+
+    async def submit(self, item: Item) -> Dict[str, Any]:
+        """The response to ``item``, computed in some batch."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run())
+        future = loop.create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        import asyncio
+
+        loop, carry, limit = asyncio.get_running_loop(), None, self.classifier.spec.max_batch
+        while True:
+            batch = [carry or await self._queue.get()]
+            carry, images, deadline = None, batch[0][0].count, loop.time() + self.max_wait_s
+            while images < limit:
+                if not self._queue.empty():
+                    entry = self._queue.get_nowait()
+                elif self.arriving > 0 and loop.time() < deadline:
+                    try:
+                        entry = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    break
+                if images + entry[0].count > limit:
+                    carry = entry  # first in the next batch
+                    break
+                batch.append(entry)
+                images += entry[0].count
+            batch = [(item, future) for item, future in batch if not future.done()]  # cancelled: client gone
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self.classifier.run_batch,
+                                                     [item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every request of the batch learns why
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
+def make_app(spec: ServeSpec, replicas: int = 1, gate=None):
+    """The Ray Serve application serving ``spec`` (a deployment with ``replicas`` replicas); closing
+    ``gate`` (a :class:`Gate` actor) makes its replicas stop admitting requests."""
     import asyncio
 
     from ray import serve
@@ -392,19 +526,29 @@ def make_app(spec: ServeSpec, replicas: int = 1):
                       max_queued_requests=spec.max_queue,
                       ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.gpus_per_replica()},
                       graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=60,
+                      logging_config={"enable_access_log": False},  # a log line per request costs the replica
                       max_constructor_retry_count=1)
     class PromptcoreDeployment:
-        def __init__(self, spec_fields: Dict[str, Any]):
+        def __init__(self, spec_fields: Dict[str, Any], gate=None):
             replica_spec = ServeSpec(**spec_fields)
             if replica_spec.device == "cpu":
                 torch.set_num_threads(max(1, int(replica_spec.num_cpus)))
             self.classifier = Classifier(build_module(replica_spec), replica_spec)
+            self.batcher = Batcher(self.classifier, replica_spec.batch_wait_s)
+            if gate is not None:
+                threading.Thread(target=self._watch_gate, args=(gate,), daemon=True).start()
 
-        @serve.batch(max_batch_size=spec.max_batch, batch_wait_timeout_s=spec.batch_wait_s,
-                     batch_size_fn=lambda items: sum(item.count for item in items))
-        async def infer(self, items: List[Item]) -> List[Dict[str, Any]]:
-            # a worker thread, so the event loop keeps queueing requests for the next batch meanwhile
-            return await asyncio.get_running_loop().run_in_executor(None, self.classifier.run_batch, items)
+        def _watch_gate(self, gate) -> None:
+            import ray
+
+            me, clf = f"{os.getpid()}:{id(self)}", self.classifier
+            while True:
+                try:
+                    if ray.get(gate.poll.remote(me, clf.draining, clf.pending), timeout=10):
+                        clf.stop_admitting()
+                except Exception:  # noqa: BLE001 - the driver is gone or busy: keep serving, ask again
+                    pass
+                time.sleep(0.1)
 
         async def __call__(self, request):
             path = request.url.path.rstrip("/") or "/"
@@ -412,7 +556,7 @@ def make_app(spec: ServeSpec, replicas: int = 1):
                 if path in ("/health", "/ready"):
                     return JSONResponse(self.classifier.info())
                 if path == "/stats":
-                    return JSONResponse({**self.classifier.stats, "pending": self.classifier.pending})
+                    return JSONResponse(self.classifier.stats_snapshot())
                 return JSONResponse({"error": f"no GET route {path}; use /health, /ready or /stats"}, status_code=404)
             if request.method != "POST" or path not in ("/", "/classify"):
                 return JSONResponse({"error": f"use POST /classify (got {request.method} {path})"}, status_code=404)
@@ -421,12 +565,16 @@ def make_app(spec: ServeSpec, replicas: int = 1):
             except RequestError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             try:
-                body = await request.body()
-                # decoding and preprocessing off the event loop, so other requests keep arriving
-                item = await asyncio.get_running_loop().run_in_executor(
-                    None, self.classifier.parse, body, request.headers.get("content-type", ""),
-                    dict(request.query_params))
-                result = await self.infer(item)
+                self.batcher.arriving += 1
+                try:
+                    body = await read_body(request.headers, request.stream(), self.classifier.spec.max_body_bytes)
+                    # decoding and preprocessing off the event loop and the model's thread
+                    item = await asyncio.get_running_loop().run_in_executor(
+                        None, self.classifier.parse, body, request.headers.get("content-type", ""),
+                        dict(request.query_params))
+                finally:
+                    self.batcher.arriving -= 1
+                result = await self.batcher.submit(item)
                 return JSONResponse({"method": self.classifier.spec.method, **result})
             except RequestError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -435,46 +583,162 @@ def make_app(spec: ServeSpec, replicas: int = 1):
             finally:
                 self.classifier.release()
 
-    return PromptcoreDeployment.bind(asdict(spec))
+    return PromptcoreDeployment.bind(asdict(spec), gate)
+
+
+@contextlib.contextmanager
+def _ray_keeps_our_sigterm_handler():
+    """``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (exit 15 mid-start, Ray processes left
+    behind): keep ours, which only asks for a stop, while it runs."""
+    from ray._private import utils
+
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
+def _check_joined_cluster(name: str, host: str, port: int) -> None:
+    """Refuse to touch a joined cluster's Serve: HTTP options are cluster-wide (Serve would ignore ours and
+    we would print a port nobody answers on), and an app of our name would be replaced."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    http = client.http_config
+    if http.port != port or (http.host or "127.0.0.1") != host:
+        raise RuntimeError(f"Ray Serve already runs on this cluster with HTTP on {http.host}:{http.port}, not "
+                           f"{host}:{port}; pass --host {http.host} --port {http.port} to add an application there")
+    if name in serve.status().applications:
+        raise RuntimeError(f"an application named {name!r} already runs on this cluster; pass another --name")
+
+
+class Gate:
+    """Shutdown's switch, a small Ray actor: the driver closes it, every replica polls it (and reports its
+    requests in flight). Ray core only: a Serve handle in the driver leaves a router thread polling the
+    stopped controller, and the process aborts at exit."""
+
+    def __init__(self):
+        self.closed = False
+        self.replicas: Dict[str, List] = {}  # replica -> [stopped admitting, requests in flight]
+
+    def poll(self, replica: str, stopped: bool, pending: int) -> bool:
+        self.replicas[replica] = [stopped, pending]
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def report(self) -> Dict[str, List]:
+        return dict(self.replicas)
+
+
+def _start_gate():
+    import ray
+
+    return ray.remote(num_cpus=0)(Gate).remote()
+
+
+def _drain(gate, replicas: int, log, timeout_s: float = 60.0) -> int:
+    """Close the gate (replicas stop admitting: 503), then wait until every replica has stopped admitting and
+    holds no request for 0.5 s, so requests in flight get their answers; the number of replicas drained."""
+    import ray
+
+    ray.get(gate.close.remote())
+    quiet_since, drained = None, 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = ray.get(gate.report.remote()).values()
+        drained = sum(1 for stopped, pending in states if stopped and not pending)
+        if drained >= replicas and not any(stopped and pending for stopped, pending in states):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= 0.5:  # the last answers on their way back through the proxy
+                return drained
+        else:
+            quiet_since = None
+        time.sleep(0.05)
+    log(f"promptcore serve: requests still in flight after {timeout_s:.0f} s; stopping anyway", flush=True)
+    return drained
 
 
 def serve_forever(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
-                  replicas: int = 1, log=print) -> int:
-    """Start (or join, with ``address``) a Ray cluster, deploy ``spec`` and serve until SIGTERM/SIGINT.
+                  replicas: int = 1, name: str = APP_NAME, log=print) -> int:
+    """Serve ``spec`` on a private local Ray cluster (or join ``address``) until SIGTERM/SIGINT.
 
-    Shutdown is graceful: Ray Serve stops routing new requests to the replicas and lets the ones in
-    flight finish (up to a minute) before the process exits with status 0.
+    Without ``address`` the cluster is this process's alone: ``RAY_ADDRESS`` and an earlier ``ray start``
+    are ignored. With ``address`` the server refuses a cluster whose Serve listens elsewhere or already
+    holds an app called ``name``, and on exit deletes only that app. Shutdown stops admitting (new
+    requests get 503), lets the requests in flight finish, and exits 0; a signal during start-up stops
+    the server as soon as it can, leaving no Ray process behind.
     """
     spec.check()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports phoned home
-    # Ray's proxies keep draining 30 s on shutdown for external load balancers to notice; in-flight
-    # requests are covered by the replicas' own graceful shutdown, so a short drain is enough here.
-    for name in ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
-        os.environ.setdefault(name, "2")
+    # Ray's proxies keep draining 30 s on shutdown for external load balancers to notice; requests in
+    # flight are drained here first, so a short proxy drain is enough.
+    for var in ("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        os.environ.setdefault(var, "2")
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def request_stop(*_):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in signals}  # before ray.init: see below
+    owned = address is None
+    if owned:
+        os.environ.pop("RAY_ADDRESS", None)  # nothing may redirect our private cluster (Ray's processes included)
     import ray
     from ray import serve
 
-    stop = threading.Event()
-    ray.init(address=address, include_dashboard=False, namespace=APP_NAME, log_to_driver=False,
-             configure_logging=False)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(make_app(spec, replicas), name=APP_NAME, route_prefix="/")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())  # after ray.init, which installs its own SIGTERM exit
-        log(f"promptcore serve: ready on http://{host}:{port}/classify ({spec.method}, {len(spec.classnames)} "
-            f"classes, {replicas} replica(s), max batch {spec.max_batch} images)", flush=True)
-        while not stop.wait(0.5):
-            pass
-        log("promptcore serve: shutting down (finishing requests in flight)", flush=True)
-        t0 = time.perf_counter()
-        if address:
-            serve.delete(APP_NAME)  # leave a shared cluster's other applications running
-        else:
-            serve.shutdown()
-        log(f"promptcore serve: stopped in {time.perf_counter() - t0:.1f} s", flush=True)
+        with _ray_keeps_our_sigterm_handler():
+            ray.init(address=address or "local", include_dashboard=False, namespace=APP_NAME, log_to_driver=False,
+                     configure_logging=False)
+        for sig in signals:  # again: Ray's core worker put a C-level failure handler over ours, which aborts (-6)
+            signal.signal(sig, request_stop)
+        try:
+            if stop.is_set():
+                log("promptcore serve: stopped during start-up", flush=True)
+                return 0
+            if not owned:
+                _check_joined_cluster(name, host, port)
+            serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
+            deployed, t0 = False, time.perf_counter()
+            try:  # from here on, an app called `name` on this cluster is ours (checked above)
+                gate = _start_gate()
+                serve.run(make_app(spec, replicas, gate), name=name, route_prefix="/")
+                deployed = True
+                from ray.serve.context import _get_global_client
+
+                http = _get_global_client().http_config
+                log(f"promptcore serve: ready on http://{http.host}:{http.port}/classify ({spec.method}, "
+                    f"{len(spec.classnames)} classes, {replicas} replica(s), max batch {spec.max_batch} images)",
+                    flush=True)
+                while not stop.wait(0.2):
+                    pass
+                log("promptcore serve: shutting down (no new requests; finishing requests in flight)", flush=True)
+                t0 = time.perf_counter()
+                reached = _drain(gate, replicas, log)
+                log(f"promptcore serve: drained {reached} replica(s) in {time.perf_counter() - t0:.1f} s", flush=True)
+            finally:
+                if owned:
+                    serve.shutdown()
+                else:
+                    serve.delete(name)  # only what this process deployed: the cluster's other apps keep running
+            log(f"promptcore serve: stopped in {time.perf_counter() - t0:.1f} s" if deployed else
+                "promptcore serve: stopped", flush=True)
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
